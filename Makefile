@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+
+.PHONY: demo test install dev services lint typecheck bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install --quiet -e .
+
+dev: $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+## demo: install, then run the quickstart and a short governed-agent demo (no servers)
+demo: install
+	$(PY) examples/run_quickstart.py
+	$(PY) examples/governed_agent.py
+
+## services: make sure Redis and PostgreSQL answer on 127.0.0.1 (starts them if stopped)
+services:
+	bash scripts/ensure-services.sh
+
+lint: dev
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+
+typecheck: dev
+	$(BIN)/mypy
+
+## test: install the dev extras, make sure the servers run, lint, type-check, run the suite
+test: dev services lint typecheck
+	$(BIN)/pytest
+
+## bench: the performance table in the README (not part of the test suite)
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,22 @@
+"""The ``limenex`` command line. Each command group lives in its own module here.
+
+To add commands, write them in a module of this package and register them below with
+``main.add_command``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from limenex.cli.validate import schema, validate
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Limenex: deterministic, stateful governance for AI agents' actions."""
+
+
+main.add_command(validate)
+main.add_command(schema)

@@ -1,0 +1,24 @@
+"""Time as the engine sees it. Inject a clock; never read ``time.time()`` in decision logic."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "SystemClock"]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Anything with ``now() -> float``: seconds since the Unix epoch, UTC."""
+
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    """The wall clock (``time.time``)."""
+
+    __slots__ = ()
+
+    def now(self) -> float:
+        return time.time()

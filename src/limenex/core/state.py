@@ -1,0 +1,217 @@
+"""The state-store contract every backend implements.
+
+The engine turns the stateful policies of one call into an ordered list of :class:`Check`
+objects. :meth:`StateStore.reserve` then does, as **one atomic step** for all of them:
+
+1. read each counter's current total (rolling windows: the amounts recorded in
+   ``(now - seconds, now]``; calendar windows: the period containing ``now``);
+2. for each check in order, test ``total + amount <op> limit`` (a counter's amount is
+   added once per distinct :class:`CounterKey`, however many checks name it);
+3. if a check fails, change nothing and return a :class:`StateBreach` for the first one;
+4. else add every amount and return a :class:`Reservation`.
+
+A reservation counts as spent from the moment it is made. :meth:`StateStore.commit`
+makes that final; :meth:`StateStore.release` undoes exactly that one reservation (the
+executor failed). A reservation whose owner vanished stays counted: once its lease has
+expired it is simply dropped from the pending list, and a late release is ignored.
+
+Totals are exact decimals. Arithmetic goes through :data:`EXACT`, whose traps turn any
+rounding into an error (and so into a BLOCK) instead of a silently wrong total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from decimal import (
+    Clamped,
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Rounded,
+    Subnormal,
+    Underflow,
+)
+from typing import Any, NamedTuple
+
+from limenex.core.window import Window
+
+__all__ = [
+    "EXACT",
+    "OPERATORS",
+    "Check",
+    "CounterKey",
+    "PendingReservation",
+    "Reservation",
+    "StateBreach",
+    "StateStore",
+]
+
+EXACT = Context(
+    prec=96,
+    traps=[
+        Clamped,
+        DivisionByZero,
+        Inexact,
+        InvalidOperation,
+        Overflow,
+        Rounded,
+        Subnormal,
+        Underflow,
+    ],
+)
+"""Decimal context for totals: 96 digits, and any rounding raises instead of losing money."""
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "lt": operator.lt,
+    "lte": operator.le,
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "eq": operator.eq,
+    "neq": operator.ne,
+}
+
+
+class CounterKey(NamedTuple):
+    """Identifies one running total.
+
+    ``scope`` is ``"agent"``, ``"global"`` or the sorted scope names joined by ``"+"``
+    (``"agent+recipient"``). ``subject`` is the agent id for ``"agent"``, ``""`` for
+    ``"global"``, and a JSON array of the scope values otherwise. ``window`` is ``""`` or
+    the window's spec (``"24h"``, ``"day"``); a calendar window's period is not part of the
+    key: the store derives it from ``now``.
+    """
+
+    dimension: str
+    scope: str
+    subject: str
+    window: str
+
+
+class Check(NamedTuple):
+    """One stateful condition of one call: ``total + amount <op> limit`` must hold."""
+
+    policy_index: int  # the policy's position in the skill's list (for reporting)
+    key: CounterKey
+    window: Window | None
+    amount: Decimal
+    op: str
+    limit: Decimal
+
+
+class StateBreach:
+    """``reserve`` refused: ``checks[position]`` would not hold. Nothing was changed."""
+
+    __slots__ = ("observed", "position", "projected")
+
+    def __init__(self, position: int, observed: Decimal, projected: Decimal) -> None:
+        self.position = position
+        self.observed = observed
+        self.projected = projected
+
+    def __repr__(self) -> str:
+        return (
+            f"StateBreach(position={self.position}, observed={self.observed}, "
+            f"projected={self.projected})"
+        )
+
+
+class Reservation:
+    """``reserve`` succeeded. ``observed`` holds each check's total before this call.
+
+    ``token`` is private to the store that made it.
+    """
+
+    __slots__ = ("id", "observed", "token")
+
+    def __init__(self, id: str, observed: tuple[Decimal, ...], token: Any) -> None:
+        self.id = id
+        self.observed = observed
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"Reservation(id={self.id!r}, observed={self.observed!r})"
+
+
+class PendingReservation(NamedTuple):
+    """A reservation that was made and neither committed nor released yet."""
+
+    id: str
+    created_at: float
+    expires_at: float
+    amounts: tuple[tuple[CounterKey, Decimal], ...]
+    owner: str
+
+
+class StateStore(ABC):
+    """The contract. Backends implement the sync methods; async ones default to them.
+
+    A backend whose sync methods block on I/O for long overrides the async ones.
+    Every method raises :class:`~limenex.core.errors.StateStoreError` (or its subclass
+    ``CorruptStateError``) on failure, never a raw driver exception.
+    """
+
+    #: The default lease of a reservation, in seconds.
+    lease_seconds: float = 300.0
+
+    @abstractmethod
+    def reserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
+        """Atomically test every check and, if all hold, add every amount."""
+
+    @abstractmethod
+    def commit(self, reservation: Reservation) -> None:
+        """The action ran: make the reservation final."""
+
+    @abstractmethod
+    def release(self, reservation: Reservation) -> None:
+        """The action failed: undo exactly this reservation (ignored once it expired)."""
+
+    @abstractmethod
+    def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
+        """Each check's current total, changing nothing (the dry run)."""
+
+    @abstractmethod
+    def adjust(
+        self, key: CounterKey, delta: Decimal, now: float, window: Window | None = None
+    ) -> Decimal:
+        """Add ``delta`` (negative for a refund) to a total; return the new total.
+
+        Totals never go below zero. This is the audited operator path, never an agent's.
+        """
+
+    @abstractmethod
+    def totals(self, now: float) -> list[tuple[CounterKey, Decimal]]:
+        """Every live total (expired windows left out), for inspection."""
+
+    @abstractmethod
+    def pending(self, now: float) -> list[PendingReservation]:
+        """Reservations not yet committed or released whose lease has not expired."""
+
+    @abstractmethod
+    def reset(self, dimension: str | None = None) -> None:
+        """Forget every total (of one dimension, when given) and pending reservation."""
+
+    def close(self) -> None:  # noqa: B027 - stores without resources need nothing here
+        """Release connections and file handles."""
+
+    async def areserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
+        return self.reserve(checks, now)
+
+    async def acommit(self, reservation: Reservation) -> None:
+        self.commit(reservation)
+
+    async def arelease(self, reservation: Reservation) -> None:
+        self.release(reservation)
+
+    async def apeek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
+        return self.peek(checks, now)
+
+
+async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking store operation off the event loop."""
+    return await asyncio.to_thread(fn, *args)
