@@ -1,0 +1,568 @@
+"""The policy engine: evaluate a call, reserve atomically, execute, then settle.
+
+A governed call goes through these steps, identically on the sync and the async path:
+
+1. **check the inputs** (:func:`~limenex.core.evaluation.plan_call`): a bad argument raises
+   :class:`~limenex.core.errors.InvalidArgumentError`; nothing runs, nothing is recorded;
+2. **decide in order**: stateless policies in Python, every stateful check of the call in
+   one atomic ``reserve`` of the state store, then the semantic rules that come before the
+   first deterministic breach (a model is never asked when an earlier policy decided);
+3. **BLOCK** raises :class:`BlockedError`, **ESCALATE** raises :class:`EscalationRequired`,
+   and any reservation is released;
+4. **ALLOW** runs the executor: when it returns the reservation is committed; when it raises
+   an ``Exception`` the reservation is released and the exception propagates unchanged;
+   when it is interrupted (cancellation, ``KeyboardInterrupt``) the amount stays counted,
+   since we cannot know the action did not happen.
+
+Every internal failure (policy store, state store, evaluator plumbing, audit sink) ends in
+BLOCK with ``decision.fail_closed`` set, never in ALLOW.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, ParamSpec, TypeVar, cast
+
+from limenex.core.clock import Clock, SystemClock
+from limenex.core.decision import Decision, Verdict
+from limenex.core.errors import (
+    BlockedError,
+    EscalationRequired,
+    EvaluatorError,
+    InvalidArgumentError,
+    LimenexConfigError,
+    LimenexError,
+    UnregisteredSkillError,
+)
+from limenex.core.evaluation import (
+    CompiledSkill,
+    Intent,
+    Plan,
+    allow_decision,
+    check_agent_id,
+    compile_skill,
+    first_state_breach,
+    plan_call,
+    semantic_decision,
+    state_decision,
+)
+from limenex.core.policy_store import LocalFilePolicyStore, PolicyStore
+from limenex.core.state import Reservation, StateBreach, StateStore
+
+__all__ = [
+    "AuditHook",
+    "BlockedError",
+    "EscalationRequired",
+    "LimenexConfigError",
+    "PolicyEngine",
+]
+
+log = logging.getLogger("limenex")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+AuditHook = Callable[[str, Decision, Mapping[str, Any]], None]
+"""``(event, decision, params)``; events: ``decision``, ``executed``, ``failed``."""
+
+Action = Callable[[], Any]
+"""A zero-argument callable that performs the action (may return an awaitable)."""
+
+
+class PolicyEngine:
+    """Decides every governed call: ALLOW, BLOCK or ESCALATE.
+
+    ``policy_store`` is a :class:`PolicyStore` or the path of a policy file;
+    ``state_store`` a :class:`StateStore` or a store URL (``memory://``,
+    ``file://.limenex/state.json``); the default keeps state in memory.
+    ``llm_evaluator`` judges semantic policies (see :mod:`limenex.semantic`);
+    ``semantic_timeout`` bounds each judgement. ``audit_logger`` is called for every
+    decision and outcome; if it fails before the action, the action is blocked.
+    """
+
+    def __init__(
+        self,
+        policy_store: PolicyStore | str | os.PathLike[str],
+        state_store: StateStore | str | None = None,
+        llm_evaluator: Callable[..., Any] | None = None,
+        audit_logger: AuditHook | None = None,
+        *,
+        clock: Clock | None = None,
+        semantic_timeout: float = 10.0,
+    ) -> None:
+        if isinstance(policy_store, str | os.PathLike):
+            policy_store = LocalFilePolicyStore(policy_store)
+        if state_store is None or isinstance(state_store, str):
+            from limenex.stores import from_url
+
+            state_store = from_url(state_store or "memory://")
+        if not isinstance(state_store, StateStore):
+            raise LimenexConfigError(
+                f"state_store must be a StateStore or a URL, got {type(state_store).__name__}"
+            )
+        if llm_evaluator is not None and not callable(llm_evaluator):
+            raise LimenexConfigError("llm_evaluator must be callable: (intent, rule) -> verdict")
+        if audit_logger is not None and not callable(audit_logger):
+            raise LimenexConfigError("audit_logger must be callable: (event, decision, params)")
+        if not semantic_timeout > 0:
+            raise LimenexConfigError("semantic_timeout must be a positive number of seconds")
+        self.policy_store = policy_store
+        self.state_store = state_store
+        self.llm_evaluator = llm_evaluator
+        self.audit_logger = audit_logger
+        self.clock: Clock = clock or SystemClock()
+        self.semantic_timeout = float(semantic_timeout)
+        self._compiled: dict[str, CompiledSkill] = {}
+        # Stores that only implement the sync methods are called directly on the async path.
+        self._store_is_direct = type(state_store).areserve is StateStore.areserve
+        self._loop_thread: _LoopThread | None = None
+        self._loop_lock = threading.Lock()
+
+    # --- public API -----------------------------------------------------------------------
+
+    async def evaluate(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
+        """The verdict this call would get now. Changes no state and runs no executor."""
+        plan = self._plan(skill_id, agent_id, params)
+        if plan.breach is None and plan.checks:
+            try:
+                totals = await self.state_store.apeek(plan.checks, self.clock.now())
+            except Exception as exc:
+                return self._failure(skill_id, agent_id, "the state store", exc)
+            breach = first_state_breach(plan.checks, totals)
+            decision = None if breach is None else state_decision(plan, breach)
+        else:
+            decision = plan.breach
+        decision = await self._judge(plan, decision)
+        return decision or allow_decision(plan)
+
+    def evaluate_sync(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
+        """:meth:`evaluate` for synchronous code (safe inside a running event loop)."""
+        plan = self._plan(skill_id, agent_id, params)
+        if plan.breach is None and plan.checks:
+            try:
+                totals = self.state_store.peek(plan.checks, self.clock.now())
+            except Exception as exc:
+                return self._failure(skill_id, agent_id, "the state store", exc)
+            breach = first_state_breach(plan.checks, totals)
+            decision = None if breach is None else state_decision(plan, breach)
+        else:
+            decision = plan.breach
+        decision = self._judge_sync(plan, decision)
+        return decision or allow_decision(plan)
+
+    async def execute(
+        self, skill_id: str, agent_id: str, params: Mapping[str, Any], action: Action
+    ) -> Any:
+        """Govern one call: decide, and on ALLOW run ``action()`` and settle the state."""
+        plan = self._plan(skill_id, agent_id, params)
+        reservation: Reservation | None = None
+        decision = plan.breach
+        if decision is None and plan.checks:
+            try:
+                outcome = await self._areserve(plan)
+            except Exception as exc:
+                raise self._fail(plan, "the state store", exc) from exc
+            if type(outcome) is StateBreach:
+                decision = state_decision(plan, outcome)
+            else:
+                reservation = cast(Reservation, outcome)
+        if plan.semantic:
+            try:
+                decision = await self._judge(plan, decision)
+            except BaseException:
+                await self._arelease(reservation)
+                raise
+        if decision is not None:
+            await self._arelease(reservation)
+            self._refuse(plan, decision)
+        self._before_action(plan, reservation)
+        try:
+            result = action()
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:
+            await self._arelease(reservation)
+            self._after_action(plan, "failed")
+            raise
+        except BaseException:
+            await self._acommit(reservation)
+            raise
+        await self._acommit(reservation)
+        self._after_action(plan, "executed")
+        return result
+
+    def execute_sync(
+        self, skill_id: str, agent_id: str, params: Mapping[str, Any], action: Action
+    ) -> Any:
+        """:meth:`execute` for synchronous code; safe from many threads and inside a loop."""
+        plan = self._plan(skill_id, agent_id, params)
+        store = self.state_store
+        reservation: Reservation | None = None
+        decision = plan.breach
+        if decision is None and plan.checks:
+            try:
+                outcome = store.reserve(plan.checks, self.clock.now())
+            except Exception as exc:
+                raise self._fail(plan, "the state store", exc) from exc
+            if type(outcome) is StateBreach:
+                decision = state_decision(plan, outcome)
+            else:
+                reservation = cast(Reservation, outcome)
+        if plan.semantic:
+            try:
+                decision = self._judge_sync(plan, decision)
+            except BaseException:
+                self._settle(store.release, reservation)
+                raise
+        if decision is not None:
+            self._settle(store.release, reservation)
+            self._refuse(plan, decision)
+        self._before_action(plan, reservation)
+        try:
+            result = action()
+        except Exception:
+            self._settle(store.release, reservation)
+            self._after_action(plan, "failed")
+            raise
+        except BaseException:
+            self._settle(store.commit, reservation)
+            raise
+        self._settle(store.commit, reservation)
+        self._after_action(plan, "executed")
+        return result
+
+    def governed(
+        self, skill_id: str, agent_id_param: str = "agent_id"
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorate any sync or async function: it becomes the skill's executor.
+
+        The function's arguments (bound to its signature, defaults applied) are the
+        call's params; ``agent_id_param`` names the one that identifies the agent.
+        """
+
+        def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+            signature = inspect.signature(fn)
+            if agent_id_param not in signature.parameters:
+                raise LimenexConfigError(
+                    f"@governed({skill_id!r}): {fn.__qualname__} has no parameter "
+                    f"{agent_id_param!r} to read the agent id from"
+                )
+            self._check_signature(skill_id, fn, signature)
+
+            def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+                try:
+                    bound = signature.bind(*args, **kwargs)
+                except TypeError as exc:
+                    raise InvalidArgumentError(
+                        f"{skill_id}: {exc}", argument=_argument_in(str(exc))
+                    ) from None
+                bound.apply_defaults()
+                params = dict(bound.arguments)
+                for name, parameter in signature.parameters.items():
+                    if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                        params.update(params.pop(name))
+                return params[agent_id_param], params
+
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def governed_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                    agent_id, params = bind(args, kwargs)
+                    return await self.execute(
+                        skill_id, agent_id, params, lambda: fn(*args, **kwargs)
+                    )
+
+                return cast(Callable[P, R], governed_async)
+
+            @functools.wraps(fn)
+            def governed_sync(*args: P.args, **kwargs: P.kwargs) -> R:
+                agent_id, params = bind(args, kwargs)
+                return cast(
+                    R,
+                    self.execute_sync(skill_id, agent_id, params, lambda: fn(*args, **kwargs)),
+                )
+
+            return governed_sync
+
+        return decorate
+
+    def close(self) -> None:
+        """Stop the helper thread used for async evaluators on the sync path; close the store."""
+        with self._loop_lock:
+            if self._loop_thread is not None:
+                self._loop_thread.stop()
+                self._loop_thread = None
+        self.state_store.close()
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def skill(self, skill_id: str) -> CompiledSkill:
+        """The compiled policies of ``skill_id``; refuses a skill without an entry."""
+        try:
+            source = self.policy_store.get(skill_id)
+        except LimenexError:
+            raise
+        except Exception as exc:
+            raise BlockedError(_failure_decision(skill_id, "", "the policy store", exc)) from exc
+        if source is None:
+            raise UnregisteredSkillError(
+                f"skill {skill_id!r} has no entry in the policy file, so it is refused "
+                "(add it, with `policies: []` to govern it without rules)",
+                decision=Decision(
+                    Verdict.BLOCK, skill_id, "", f"{skill_id}: unregistered skill.", None
+                ),
+            )
+        compiled = self._compiled.get(skill_id)
+        if compiled is None or compiled.source is not source:
+            compiled = compile_skill(skill_id, source)
+            self._compiled[skill_id] = compiled
+        return compiled
+
+    def _plan(self, skill_id: str, agent_id: object, params: Mapping[str, Any]) -> Plan:
+        try:
+            checked_agent = check_agent_id(agent_id)
+            skill = self.skill(skill_id)
+            return plan_call(skill, checked_agent, params)
+        except InvalidArgumentError as exc:
+            if exc.decision is None:
+                exc.decision = Decision(
+                    Verdict.BLOCK,
+                    skill_id,
+                    agent_id if isinstance(agent_id, str) else "",
+                    f"{skill_id}: refused before evaluation: {exc}.",
+                )
+            raise
+        except LimenexError:
+            raise
+        except Exception as exc:  # a bug must not become an ALLOW
+            raise BlockedError(
+                _failure_decision(skill_id, str(agent_id), "policy evaluation", exc)
+            ) from exc
+
+    def _check_signature(
+        self, skill_id: str, fn: Callable[..., Any], signature: inspect.Signature
+    ) -> None:
+        """Fail at decoration time when a loaded policy reads an argument ``fn`` lacks."""
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+            return
+        try:
+            skill = self.skill(skill_id)
+        except UnregisteredSkillError:
+            return  # refused at call time; the policy file may gain the skill later
+        missing = sorted(skill.referenced_params() - set(signature.parameters))
+        if missing:
+            raise LimenexConfigError(
+                f"@governed({skill_id!r}): policies read {', '.join(map(repr, missing))} "
+                f"but {fn.__qualname__} has no such parameter"
+            )
+
+    # --- semantic rules ---------------------------------------------------------------------
+
+    async def _judge(self, plan: Plan, decision: Decision | None) -> Decision | None:
+        """Ask the semantic rules that precede ``decision``'s policy, in order."""
+        limit = len(plan.skill.steps) if decision is None else decision.policy_index
+        for step in plan.semantic:
+            if limit is not None and step.index >= limit:
+                break
+            why = await self._ask(plan, step.policy.rule)
+            if why is not None:
+                return semantic_decision(plan, step, why)
+        return decision
+
+    def _judge_sync(self, plan: Plan, decision: Decision | None) -> Decision | None:
+        if not plan.semantic:
+            return decision
+        future: Future[Decision | None] = asyncio.run_coroutine_threadsafe(
+            self._judge(plan, decision), self._background_loop()
+        )
+        return future.result()
+
+    async def _ask(self, plan: Plan, rule: str) -> str | None:
+        """``None`` when the evaluator allows; otherwise why the rule counts as breached."""
+        evaluator = self.llm_evaluator
+        if evaluator is None:
+            return "no llm_evaluator is configured, so the rule cannot be checked"
+        intent = Intent(plan.skill.skill_id, plan.agent_id, plan.params)
+        timeout = self.semantic_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                if _is_async_callable(evaluator):
+                    answer = evaluator(intent, rule)
+                else:
+                    answer = await asyncio.to_thread(evaluator, intent, rule)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+            verdict, reason = _parse(answer)
+        except TimeoutError:
+            return f"the evaluator did not answer within {timeout:g} s"
+        except EvaluatorError as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"the evaluator failed: {type(exc).__name__}: {exc}"
+        if verdict is Verdict.ALLOW:
+            return None
+        return reason or f"the evaluator answered {verdict.value}"
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop_thread is None:
+                self._loop_thread = _LoopThread()
+            return self._loop_thread.loop
+
+    # --- state settlement -------------------------------------------------------------------
+
+    async def _areserve(self, plan: Plan) -> Reservation | StateBreach:
+        store = self.state_store
+        now = self.clock.now()
+        if self._store_is_direct:
+            return store.reserve(plan.checks, now)
+        task = asyncio.ensure_future(store.areserve(plan.checks, now))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The store may still reserve after we were cancelled: undo it when it lands.
+            task.add_done_callback(self._release_orphan)
+            raise
+
+    def _release_orphan(self, task: asyncio.Future[Reservation | StateBreach]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        outcome = task.result()
+        if type(outcome) is Reservation:
+            self._settle(self.state_store.release, outcome)
+
+    async def _arelease(self, reservation: Reservation | None) -> None:
+        if reservation is None:
+            return
+        if self._store_is_direct:
+            self._settle(self.state_store.release, reservation)
+            return
+        try:
+            await self.state_store.arelease(reservation)
+        except Exception:
+            log.exception("limenex: release of %s failed; the amount stays counted", reservation)
+
+    async def _acommit(self, reservation: Reservation | None) -> None:
+        if reservation is None:
+            return
+        if self._store_is_direct:
+            self._settle(self.state_store.commit, reservation)
+            return
+        try:
+            await self.state_store.acommit(reservation)
+        except Exception:
+            log.exception("limenex: commit of %s failed; it stays counted as spent", reservation)
+
+    @staticmethod
+    def _settle(operation: Callable[[Reservation], None], reservation: Reservation | None) -> None:
+        """Commit or release; a failure leaves the amount counted (the safe side) and is logged."""
+        if reservation is None:
+            return
+        try:
+            operation(reservation)
+        except Exception:
+            log.exception("limenex: settling %s failed; the amount stays counted", reservation)
+
+    # --- verdicts and audit -----------------------------------------------------------------
+
+    def _refuse(self, plan: Plan, decision: Decision) -> None:
+        self._audit("decision", decision, plan.params, fail_closed=False)
+        if decision.verdict is Verdict.ESCALATE:
+            raise EscalationRequired(decision)
+        raise BlockedError(decision)
+
+    def _before_action(self, plan: Plan, reservation: Reservation | None) -> None:
+        if self.audit_logger is None:
+            return
+        try:
+            self._audit("decision", allow_decision(plan), plan.params, fail_closed=True)
+        except BlockedError:
+            self._settle(self.state_store.release, reservation)
+            raise
+
+    def _after_action(self, plan: Plan, event: str) -> None:
+        if self.audit_logger is not None:
+            self._audit(event, allow_decision(plan), plan.params, fail_closed=False)
+
+    def _audit(
+        self, event: str, decision: Decision, params: Mapping[str, Any], *, fail_closed: bool
+    ) -> None:
+        hook = self.audit_logger
+        if hook is None:
+            return
+        try:
+            hook(event, decision, params)
+        except Exception as exc:
+            if fail_closed:
+                raise BlockedError(
+                    _failure_decision(decision.skill_id, decision.agent_id, "the audit sink", exc)
+                ) from exc
+            log.exception("limenex: audit sink failed for %s event", event)
+
+    def _fail(self, plan: Plan, what: str, exc: BaseException) -> BlockedError:
+        decision = self._failure(plan.skill.skill_id, plan.agent_id, what, exc)
+        self._audit("decision", decision, plan.params, fail_closed=False)
+        return BlockedError(decision)
+
+    @staticmethod
+    def _failure(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
+        return _failure_decision(skill_id, agent_id, what, exc)
+
+
+def _failure_decision(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
+    return Decision(
+        Verdict.BLOCK,
+        skill_id,
+        agent_id,
+        f"{skill_id}: blocked because {what} failed ({type(exc).__name__}: {exc}).",
+        fail_closed=True,
+    )
+
+
+def _parse(answer: object) -> tuple[Verdict, str]:
+    from limenex.semantic import parse_answer
+
+    return parse_answer(answer)
+
+
+def _is_async_callable(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - we need the bound __call__, not callable()
+    )
+
+
+def _argument_in(message: str) -> str:
+    """The argument name in a ``Signature.bind`` TypeError, else ``"arguments"``."""
+    start = message.find("'")
+    end = message.find("'", start + 1)
+    return message[start + 1 : end] if 0 <= start < end else "arguments"
+
+
+class _LoopThread:
+    """One event loop on a daemon thread, for async evaluators called from sync code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(ready.set)
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="limenex-evaluator-loop", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()

@@ -1,0 +1,498 @@
+"""The decision core: a pure function of (policies, call arguments, state totals).
+
+Nothing here does I/O. :func:`compile_skill` turns a skill's policies into steps once;
+:func:`plan_call` checks the call's arguments and walks the steps in order, deciding every
+stateless policy and turning the stateful ones into :class:`~limenex.core.state.Check`
+objects for the store's atomic reserve. The engine's sync and async drivers only move data
+between this module, the state store, the evaluator and the executor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from limenex.core.decision import Decision, Verdict
+from limenex.core.errors import InvalidArgumentError, LimenexConfigError
+from limenex.core.policy import DeterministicPolicy, Policy, SemanticPolicy, SkillPolicies
+from limenex.core.state import EXACT, OPERATORS, Check, CounterKey, StateBreach
+from limenex.core.window import Window
+
+__all__ = [
+    "CompiledSkill",
+    "Intent",
+    "Plan",
+    "compile_skill",
+    "first_state_breach",
+    "plan_call",
+    "to_decimal",
+]
+
+_SYMBOLS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">=", "eq": "==", "neq": "!="}
+_ONE = Decimal(1)
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+class _PerCall:
+    __slots__ = ("index", "limit", "op", "param", "policy", "test")
+
+    def __init__(self, index: int, policy: DeterministicPolicy) -> None:
+        self.index = index
+        self.policy = policy
+        self.param = policy.param
+        self.op = policy.operator
+        self.test = OPERATORS[policy.operator]
+        self.limit = _required_value(policy)
+
+
+class _Set:
+    __slots__ = ("index", "match", "negate", "param", "patterns", "policy")
+
+    def __init__(self, index: int, policy: DeterministicPolicy) -> None:
+        self.index = index
+        self.policy = policy
+        self.param = policy.param
+        self.negate = policy.operator == "not_in"
+        self.match = policy.match
+        values = policy.values or ()
+        self.patterns: frozenset[str] | tuple[str, ...]
+        if policy.match == "exact":
+            self.patterns = frozenset(values)
+        elif policy.match == "path":
+            # Policy values are trusted configuration: `~/.ssh` means the home folder's.
+            self.patterns = tuple(normalise_path(os.path.expanduser(v)) for v in values)
+        else:
+            self.patterns = tuple(values)
+
+    def matches(self, value: str) -> bool:
+        if self.match == "exact":
+            return value in self.patterns
+        if self.match == "glob":
+            return any(fnmatch.fnmatchcase(value, p) for p in self.patterns)
+        path = normalise_path(value)
+        return any(_path_within(path, p) for p in self.patterns)
+
+
+class _Stateful:
+    __slots__ = (
+        "dimension",
+        "index",
+        "limit",
+        "op",
+        "param",
+        "policy",
+        "scope",
+        "scope_name",
+        "window",
+        "window_spec",
+    )
+
+    def __init__(self, index: int, policy: DeterministicPolicy) -> None:
+        self.index = index
+        self.policy = policy
+        self.param = policy.param  # None: a call counter
+        self.dimension = policy.dimension
+        self.op = policy.operator
+        self.limit = _required_value(policy)
+        self.scope = policy.scope
+        self.scope_name = "+".join(policy.scope)
+        self.window: Window | None = policy.window
+        self.window_spec = "" if policy.window is None else policy.window.spec
+
+    def subject(self, agent_id: str, params: Mapping[str, Any]) -> str:
+        scope = self.scope
+        if scope == ("agent",):
+            return agent_id
+        if scope == ("global",):
+            return ""
+        values = [agent_id if name == "agent" else params[name] for name in scope]
+        return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Semantic:
+    __slots__ = ("index", "policy", "verdict")
+
+    def __init__(self, index: int, policy: SemanticPolicy) -> None:
+        self.index = index
+        self.policy = policy
+        self.verdict = policy.breach_verdict
+
+
+_Step = _PerCall | _Set | _Stateful | _Semantic
+
+
+def _required_value(policy: DeterministicPolicy) -> Decimal:
+    if policy.value is None:  # the loader guarantees it; refuse rather than guess
+        raise LimenexConfigError(f"policy on {policy.dimension!r} has no value")
+    return policy.value
+
+
+class CompiledSkill:
+    """A skill's policies, prepared once for fast evaluation."""
+
+    __slots__ = (
+        "amount_params",
+        "cumulative_params",
+        "policies",
+        "scope_params",
+        "set_params",
+        "skill_id",
+        "source",
+        "steps",
+    )
+
+    def __init__(self, skill_id: str, source: SkillPolicies) -> None:
+        self.skill_id = skill_id
+        self.source = source
+        self.policies: tuple[Policy, ...] = tuple(source.policies)
+        steps: list[_Step] = []
+        amount_params: dict[str, None] = {}
+        cumulative: set[str] = set()
+        set_params: dict[str, None] = {}
+        scope_params: dict[str, None] = {}
+        for index, policy in enumerate(self.policies):
+            if isinstance(policy, SemanticPolicy):
+                steps.append(_Semantic(index, policy))
+                continue
+            kind = policy.kind
+            if kind == "set":
+                step: _Step = _Set(index, policy)
+                set_params[_param(policy)] = None
+            elif kind == "per_call":
+                step = _PerCall(index, policy)
+                amount_params[_param(policy)] = None
+            else:
+                step = _Stateful(index, policy)
+                if policy.param is not None:
+                    amount_params[policy.param] = None
+                    cumulative.add(policy.param)
+                for name in policy.scope:
+                    if name not in ("agent", "global"):
+                        scope_params[name] = None
+            steps.append(step)
+        self.steps: tuple[_Step, ...] = tuple(steps)
+        self.amount_params = tuple(amount_params)
+        self.cumulative_params = frozenset(cumulative)
+        self.set_params = tuple(set_params)
+        self.scope_params = tuple(scope_params)
+
+    def referenced_params(self) -> set[str]:
+        """Every call argument some policy reads (``agent`` scope excluded)."""
+        return {*self.amount_params, *self.set_params, *self.scope_params}
+
+
+def _param(policy: DeterministicPolicy) -> str:
+    if policy.param is None:
+        raise LimenexConfigError(f"policy on {policy.dimension!r} needs a param")
+    return policy.param
+
+
+def compile_skill(skill_id: str, source: SkillPolicies) -> CompiledSkill:
+    return CompiledSkill(skill_id, source)
+
+
+# --- argument checks ---------------------------------------------------------------------
+
+
+def to_decimal(name: str, value: object, *, allow_negative: bool = True) -> Decimal:
+    """Turn a numeric argument into an exact Decimal, or refuse it naming the argument.
+
+    ``int``, ``float`` and ``Decimal`` are accepted when finite; a float is read as the
+    shortest decimal that round-trips (``0.1`` is ``Decimal("0.1")``). ``bool``, strings
+    and everything else are refused.
+    """
+    kind = type(value)
+    if kind is float or (kind is not bool and isinstance(value, float)):
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise InvalidArgumentError(
+                f"argument {name!r} must be a finite number, got {value!r}", argument=name
+            )
+        number = Decimal(repr(float(value)))  # type: ignore[arg-type]
+    elif kind is int or (kind is not bool and isinstance(value, int)):
+        number = Decimal(int(value))  # type: ignore[call-overload]
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidArgumentError(
+                f"argument {name!r} must be a finite number, got {value!r}", argument=name
+            )
+        number = value
+    else:
+        raise InvalidArgumentError(
+            f"argument {name!r} must be a number (int, float or Decimal), "
+            f"got {type(value).__name__} {value!r}",
+            argument=name,
+        )
+    if not allow_negative and number < 0:
+        raise InvalidArgumentError(
+            f"argument {name!r} must not be negative for a cumulative limit, got {value!r}; "
+            "refunds go through the state API",
+            argument=name,
+        )
+    return number
+
+
+def _require_text(name: str, value: object) -> str:
+    if type(value) is not str:
+        raise InvalidArgumentError(
+            f"argument {name!r} must be a string, got {type(value).__name__} {value!r}",
+            argument=name,
+        )
+    return value
+
+
+def _require_scope_value(name: str, value: object) -> None:
+    if type(value) is not str and type(value) is not int:
+        raise InvalidArgumentError(
+            f"argument {name!r} scopes a limit and must be a string or an integer, "
+            f"got {type(value).__name__} {value!r}",
+            argument=name,
+        )
+
+
+def check_agent_id(agent_id: object) -> str:
+    if type(agent_id) is not str or not agent_id:
+        raise InvalidArgumentError(
+            f"argument 'agent_id' must be a non-empty string, got {agent_id!r}",
+            argument="agent_id",
+        )
+    return agent_id
+
+
+def _lookup(params: Mapping[str, Any], name: str) -> Any:
+    try:
+        return params[name]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"argument {name!r} is missing (a policy reads it)", argument=name
+        ) from None
+
+
+# --- planning ------------------------------------------------------------------------------
+
+
+class Plan:
+    """Everything decided before state is touched, and what the store must check."""
+
+    __slots__ = ("agent_id", "amounts", "breach", "checks", "params", "semantic", "skill")
+
+    def __init__(
+        self,
+        skill: CompiledSkill,
+        agent_id: str,
+        params: Mapping[str, Any],
+        amounts: dict[str, Decimal],
+        checks: list[Check],
+        semantic: list[_Semantic],
+        breach: Decision | None,
+    ) -> None:
+        self.skill = skill
+        self.agent_id = agent_id
+        self.params = params
+        self.amounts = amounts
+        self.checks = checks
+        self.semantic = semantic
+        self.breach = breach  # the first stateless breach, if any
+
+
+def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) -> Plan:
+    """Check the arguments, then decide the stateless policies in order.
+
+    Stops at the first stateless breach: later policies are irrelevant, so no check or
+    semantic rule after it is planned.
+    """
+    amounts: dict[str, Decimal] = {}
+    cumulative = skill.cumulative_params
+    for name in skill.amount_params:
+        amounts[name] = to_decimal(
+            name, _lookup(params, name), allow_negative=name not in cumulative
+        )
+    for name in skill.set_params:
+        _require_text(name, _lookup(params, name))
+    for name in skill.scope_params:
+        _require_scope_value(name, _lookup(params, name))
+
+    checks: list[Check] = []
+    semantic: list[_Semantic] = []
+    breach: Decision | None = None
+    for step in skill.steps:
+        if type(step) is _Stateful:
+            amount = _ONE if step.param is None else amounts[step.param]
+            key = CounterKey(
+                step.dimension, step.scope_name, step.subject(agent_id, params), step.window_spec
+            )
+            checks.append(Check(step.index, key, step.window, amount, step.op, step.limit))
+        elif type(step) is _PerCall:
+            value = amounts[step.param]  # type: ignore[index]
+            if not step.test(value, step.limit):
+                breach = _decision(
+                    skill,
+                    agent_id,
+                    step.index,
+                    value,
+                    value,
+                    step.limit,
+                    f"{step.param} = {value} breaks '{step.policy.dimension} "
+                    f"{_SYMBOLS[step.op]} {step.limit}'",
+                )
+                break
+        elif type(step) is _Set:
+            value = params[step.param]  # type: ignore[index]
+            inside = step.matches(value)
+            if inside == step.negate:
+                listed = ", ".join(step.policy.values or ())
+                relation = "is in" if step.negate else "is not in"
+                breach = _decision(
+                    skill,
+                    agent_id,
+                    step.index,
+                    None,
+                    None,
+                    None,
+                    f"{step.param} {value!r} {relation} {step.policy.dimension} [{listed}]",
+                )
+                break
+        else:
+            semantic.append(step)  # type: ignore[arg-type]
+    return Plan(skill, agent_id, params, amounts, checks, semantic, breach)
+
+
+def state_decision(plan: Plan, breach: StateBreach) -> Decision:
+    """The Decision for a stateful check the store refused."""
+    check = plan.checks[breach.position]
+    key = check.key
+    step = plan.skill.steps[check.policy_index]
+    what = key.dimension
+    if key.scope == "agent":
+        what += f" for agent {key.subject!r}"
+    elif key.scope == "global":
+        what += " across all agents"
+    else:
+        what += f" for {key.scope.replace('+', ', ')} {key.subject}"
+    if check.window is not None:
+        what += f" in window {check.window.spec}"
+    counter = isinstance(step, _Stateful) and step.param is None
+    unit = " calls" if counter else ""
+    reason = (
+        f"{what} would reach {breach.projected}{unit} ({breach.observed} recorded + "
+        f"{check.amount} proposed), breaking '{_SYMBOLS[check.op]} {check.limit}'"
+    )
+    return _decision(
+        plan.skill,
+        plan.agent_id,
+        check.policy_index,
+        breach.observed,
+        breach.projected,
+        check.limit,
+        reason,
+    )
+
+
+def semantic_decision(plan: Plan, step: _Semantic, why: str) -> Decision:
+    return _decision(
+        plan.skill,
+        plan.agent_id,
+        step.index,
+        None,
+        None,
+        None,
+        f"semantic rule {step.policy.rule!r} was breached: {why}",
+    )
+
+
+def _decision(
+    skill: CompiledSkill,
+    agent_id: str,
+    index: int,
+    observed: Decimal | None,
+    projected: Decimal | None,
+    limit: Decimal | None,
+    reason: str,
+) -> Decision:
+    policy = skill.policies[index]
+    verdict = policy.breach_verdict
+    return Decision(
+        verdict,
+        skill.skill_id,
+        agent_id,
+        f"{skill.skill_id}: {reason} (policy {index + 1}, {verdict.value}).",
+        policy,
+        index,
+        observed,
+        projected,
+        limit,
+    )
+
+
+def allow_decision(plan: Plan) -> Decision:
+    return Decision(
+        Verdict.ALLOW,
+        plan.skill.skill_id,
+        plan.agent_id,
+        f"{plan.skill.skill_id}: allowed, no policy was breached.",
+    )
+
+
+def first_state_breach(checks: list[Check], totals: tuple[Decimal, ...]) -> StateBreach | None:
+    """What ``reserve`` would answer for these totals (used by the dry run)."""
+    added: dict[CounterKey, Decimal] = {}
+    for position, check in enumerate(checks):
+        amount = added.setdefault(check.key, check.amount)
+        projected = EXACT.add(totals[position], amount)
+        if not OPERATORS[check.op](projected, check.limit):
+            return StateBreach(position, totals[position], projected)
+    return None
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def normalise_path(path: str) -> str:
+    """Absolute, with ``..``, duplicate slashes and symlinks resolved."""
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _path_within(path: str, root: str) -> bool:
+    if path == root or root == os.sep:
+        return True
+    return path.startswith(root + os.sep)
+
+
+class Intent(str):
+    """What a semantic evaluator judges: the action as quoted JSON data.
+
+    It is a ``str`` (``{"skill": ..., "agent_id": ..., "params": {...}}``) so a plain
+    ``lambda intent, rule: ...`` works, and it carries ``skill_id``, ``agent_id`` and
+    ``params`` for evaluators that want structure.
+    """
+
+    skill_id: str
+    agent_id: str
+    params: Mapping[str, Any]
+
+    def __new__(cls, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Intent:
+        text = json.dumps(
+            {"skill": skill_id, "agent_id": agent_id, "params": dict(params)},
+            ensure_ascii=False,
+            sort_keys=True,
+            default=_json_default,
+        )
+        self = super().__new__(cls, text)
+        self.skill_id = skill_id
+        self.agent_id = agent_id
+        self.params = params
+        return self
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return repr(value)

@@ -1,0 +1,29 @@
+"""Messages: ``comms.send`` over a named channel (email, Slack, SMS…)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from limenex.core.engine import PolicyEngine
+from limenex.skills import Executor, executor_lookup
+
+__all__ = ["make_send"]
+
+
+def make_send(
+    engine: PolicyEngine, registry: Mapping[str, Executor]
+) -> Callable[..., Awaitable[Any]]:
+    """``await send(agent_id=, channel=, recipient=, text=)``; executor: ``recipient=, text=``."""
+    lookup = executor_lookup("comms.send", "channel", registry)
+
+    async def send(*, agent_id: str, channel: str, recipient: str, text: str) -> Any:
+        """Send ``text`` to ``recipient`` over ``channel``, if the policies allow it."""
+        executor = lookup(channel)
+        params = {"agent_id": agent_id, "channel": channel, "recipient": recipient, "text": text}
+        return await engine.execute(
+            "comms.send", agent_id, params, lambda: executor(recipient=recipient, text=text)
+        )
+
+    send.skill_id = "comms.send"  # type: ignore[attr-defined]
+    return send

@@ -1,0 +1,61 @@
+"""Money: ``finance.spend`` (a service bill in US dollars) and ``finance.charge``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from limenex.core.engine import PolicyEngine
+from limenex.skills import Executor, executor_lookup
+
+__all__ = ["make_charge", "make_spend"]
+
+Amount = int | float | Decimal
+
+
+def make_spend(
+    engine: PolicyEngine, registry: Mapping[str, Executor]
+) -> Callable[..., Awaitable[Any]]:
+    """``await spend(agent_id=, service=, amount_usd=)``; the executor gets ``amount_usd=``."""
+    lookup = executor_lookup("finance.spend", "service", registry)
+
+    async def spend(*, agent_id: str, service: str, amount_usd: Amount) -> Any:
+        """Spend ``amount_usd`` US dollars on ``service``, if the policies allow it."""
+        executor = lookup(service)
+        params = {"agent_id": agent_id, "service": service, "amount_usd": amount_usd}
+        return await engine.execute(
+            "finance.spend", agent_id, params, lambda: executor(amount_usd=amount_usd)
+        )
+
+    spend.skill_id = "finance.spend"  # type: ignore[attr-defined]
+    return spend
+
+
+def make_charge(
+    engine: PolicyEngine, registry: Mapping[str, Executor]
+) -> Callable[..., Awaitable[Any]]:
+    """``await charge(agent_id=, provider=, amount=, currency=)``.
+
+    The executor gets ``amount=, currency=``.
+    """
+    lookup = executor_lookup("finance.charge", "provider", registry)
+
+    async def charge(*, agent_id: str, provider: str, amount: Amount, currency: str) -> Any:
+        """Charge ``amount`` in ``currency`` through ``provider``, if the policies allow it."""
+        executor = lookup(provider)
+        params = {
+            "agent_id": agent_id,
+            "provider": provider,
+            "amount": amount,
+            "currency": currency,
+        }
+        return await engine.execute(
+            "finance.charge",
+            agent_id,
+            params,
+            lambda: executor(amount=amount, currency=currency),
+        )
+
+    charge.skill_id = "finance.charge"  # type: ignore[attr-defined]
+    return charge

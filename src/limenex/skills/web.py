@@ -1,0 +1,27 @@
+"""Outbound HTTP: ``web.post`` to a named destination."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from limenex.core.engine import PolicyEngine
+from limenex.skills import Executor, executor_lookup
+
+__all__ = ["make_post"]
+
+
+def make_post(
+    engine: PolicyEngine, registry: Mapping[str, Executor]
+) -> Callable[..., Awaitable[Any]]:
+    """``await post(agent_id=, destination=, payload=)``; the executor gets ``payload=``."""
+    lookup = executor_lookup("web.post", "destination", registry)
+
+    async def post(*, agent_id: str, destination: str, payload: Any) -> Any:
+        """Post ``payload`` to ``destination``, if the policies allow it."""
+        executor = lookup(destination)
+        params = {"agent_id": agent_id, "destination": destination, "payload": payload}
+        return await engine.execute("web.post", agent_id, params, lambda: executor(payload=payload))
+
+    post.skill_id = "web.post"  # type: ignore[attr-defined]
+    return post
