@@ -1,0 +1,190 @@
+"""The benchmark behind the README's performance table.
+
+Each scenario times a loop of governed calls and, in the same run, the same loop calling the
+bare executor; the figure is the median over several runs of (governed - bare) per call.
+Run ``python bench/run.py`` (``make bench``); ``--write-readme`` replaces the table in
+README.md, ``--quick`` runs fewer iterations (a smoke run, not for quoting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from limenex.core.engine import PolicyEngine
+from limenex.core.policy_store import InMemoryPolicyStore
+from limenex.core.state import StateStore
+from limenex.core.stores import InMemoryStateStore, LocalFileStateStore
+from limenex.skills.finance import make_spend
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = """
+finance.spend:
+  policies:
+    - type: deterministic
+      dimension: spend_usd
+      param: amount_usd
+      operator: lt
+      value: 1000000000000
+      breach_verdict: ESCALATE
+"""
+
+
+@dataclass
+class Row:
+    scenario: str
+    store: str
+    agents: int
+    bare_us: float
+    governed_us: float
+    overhead_us: float
+    runs: int
+    calls_per_run: int
+    target: str
+
+
+async def _pay(amount_usd: float) -> None:
+    return None
+
+
+def _time_loop(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    async def loop() -> float:
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            await call()
+        return (time.perf_counter_ns() - start) / calls / 1000
+
+    return asyncio.run(loop())
+
+
+def _measure(
+    engine: PolicyEngine, *, agent: str, calls: int, runs: int
+) -> tuple[float, float, float]:
+    """Median bare, governed and overhead µs per call, interleaved run by run."""
+    spend = make_spend(engine, {"openai": _pay})
+
+    def governed() -> Awaitable[Any]:
+        return spend(agent_id=agent, service="openai", amount_usd=1.0)
+
+    def bare() -> Awaitable[Any]:
+        return _pay(amount_usd=1.0)
+
+    _time_loop(governed, max(10, calls // 10))  # warm up caches and the file
+    bares, governs, overheads = [], [], []
+    for _ in range(runs):
+        gc.collect()
+        b = _time_loop(bare, calls)
+        g = _time_loop(governed, calls)
+        bares.append(b)
+        governs.append(g)
+        overheads.append(g - b)
+    return statistics.median(bares), statistics.median(governs), statistics.median(overheads)
+
+
+def _engine(store: StateStore) -> PolicyEngine:
+    return PolicyEngine(policy_store=InMemoryPolicyStore.from_yaml(POLICY), state_store=store)
+
+
+def _seed_file(path: Path, agents: int) -> None:
+    """A state file already tracking ``agents`` agents (the seed layout)."""
+    totals = {f"agent-{n}": 1.5 for n in range(agents)}
+    path.write_text(json.dumps({"spend_usd": totals}))
+
+
+def memory_rows(calls: int, runs: int) -> list[Row]:
+    engine = _engine(InMemoryStateStore())
+    bare, gov, over = _measure(engine, agent="agent-1", calls=calls, runs=runs)
+    return [
+        Row("one cumulative policy", "memory", 1, bare, gov, over, runs, calls, "≤ 4 µs"),
+    ]
+
+
+def file_rows(calls: int, runs: int, agent_counts: list[int]) -> list[Row]:
+    rows = []
+    for agents in agent_counts:
+        with tempfile.TemporaryDirectory(prefix="limenex-bench-", dir=ROOT) as tmp:
+            path = Path(tmp) / "state.json"
+            if agents > 1:
+                _seed_file(path, agents)
+            store = LocalFileStateStore(path)
+            bare, gov, over = _measure(_engine(store), agent="agent-1", calls=calls, runs=runs)
+            store.close()
+        target = "≤ 1.5 ms at 10,000 agents" if agents == 10_000 else ""
+        rows.append(
+            Row(
+                "one cumulative policy",
+                "file (fsync)",
+                agents,
+                bare,
+                gov,
+                over,
+                runs,
+                calls,
+                target,
+            )
+        )
+    return rows
+
+
+def _fmt(us: float) -> str:
+    return f"{us:,.2f} µs" if us < 100 else f"{us / 1000:,.3f} ms"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| scenario | store | agents tracked | bare executor | governed call | overhead | target |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.scenario} | {r.store} | {r.agents:,} | {_fmt(r.bare_us)} | "
+            f"{_fmt(r.governed_us)} | **{_fmt(r.overhead_us)}** | {r.target} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Python {platform.python_version()} on {platform.machine()}, "
+        f"{rows[0].runs} runs per figure; async `make_spend` calls, one agent, all allowed. "
+        "The file store writes twice per call (reserve, then commit), each an atomic replace "
+        "with fsync."
+    )
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = "<!-- bench-table -->\n", "<!-- /bench-table -->"
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + text + "\n" + end + tail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    parser.add_argument("--write-readme", action="store_true", help="update README.md's table")
+    args = parser.parse_args()
+    runs = 3 if args.quick else 7
+    rows = memory_rows(calls=2_000 if args.quick else 50_000, runs=runs)
+    rows += file_rows(calls=50 if args.quick else 400, runs=runs, agent_counts=[1, 1_000, 10_000])
+    text = table(rows)
+    print(text)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    if args.write_readme and not args.quick:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()

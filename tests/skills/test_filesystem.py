@@ -1,0 +1,103 @@
+"""Filesystem skills normalise paths before policies see them and act on the checked path."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from limenex.core.engine import BlockedError, PolicyEngine
+from limenex.core.errors import InvalidArgumentError
+from limenex.core.policy_store import InMemoryPolicyStore
+from limenex.skills.filesystem import make_delete, make_move, make_write
+
+
+def engine_protecting(root: Path) -> PolicyEngine:
+    policy = f"""
+    filesystem.{{skill}}:
+      policies:
+        - type: deterministic
+          dimension: protected_paths
+          param: {{param}}
+          operator: not_in
+          values: ["{root / "protected"}"]
+          match: path
+          breach_verdict: BLOCK
+    """
+    text = "".join(
+        textwrap.dedent(policy).format(skill=skill, param=param)
+        for skill, param in [("write", "filepath"), ("delete", "filepath"), ("move", "dst")]
+    )
+    return PolicyEngine(policy_store=InMemoryPolicyStore.from_yaml(text))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "protected").mkdir()
+    (tmp_path / "protected" / "secret.txt").write_text("keep")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "protected")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "protected/secret.txt",
+        "work/../protected/secret.txt",
+        "work//..//protected/new.txt",
+        "work/link/secret.txt",
+        "protected",
+    ],
+)
+def test_write_into_protected_tree_is_blocked_however_the_path_is_spelled(
+    tree: Path, relative: str
+) -> None:
+    write = make_write(engine_protecting(tree))
+    with pytest.raises(BlockedError) as caught:
+        write(agent_id="a", filepath=f"{tree}/{relative}", content="pwned")
+    assert "protected_paths" in caught.value.decision.reason
+    assert (tree / "protected" / "secret.txt").read_text() == "keep"
+    assert not (tree / "protected" / "new.txt").exists()
+
+
+def test_write_outside_protected_tree_runs_on_the_normalised_path(tree: Path) -> None:
+    seen: list[str] = []
+
+    def executor(*, filepath: str, content: str) -> int:
+        seen.append(filepath)
+        return len(content)
+
+    write = make_write(engine_protecting(tree), executor=executor)
+    assert write(agent_id="a", filepath=f"{tree}/work/../work/./a.txt", content="hi") == 2
+    assert seen == [str(tree / "work" / "a.txt")]
+
+
+def test_sibling_with_common_prefix_is_not_inside_protected_tree(tree: Path) -> None:
+    (tree / "protected-not").mkdir()
+    write = make_write(engine_protecting(tree))
+    write(agent_id="a", filepath=tree / "protected-not" / "ok.txt", content="fine")
+    assert (tree / "protected-not" / "ok.txt").read_text() == "fine"
+
+
+def test_delete_and_move_are_governed(tree: Path) -> None:
+    engine = engine_protecting(tree)
+    (tree / "work" / "a.txt").write_text("a")
+    with pytest.raises(BlockedError):
+        make_move(engine)(agent_id="a", src=tree / "work" / "a.txt", dst=tree / "protected" / "a")
+    make_move(engine)(agent_id="a", src=tree / "work" / "a.txt", dst=tree / "work" / "b.txt")
+    assert (tree / "work" / "b.txt").read_text() == "a"
+    make_delete(engine)(agent_id="a", filepath=tree / "work" / "b.txt")
+    assert not (tree / "work" / "b.txt").exists()
+    with pytest.raises(BlockedError):
+        make_delete(engine)(agent_id="a", filepath=tree / "protected" / "secret.txt")
+    assert (tree / "protected" / "secret.txt").exists()
+
+
+@pytest.mark.parametrize("bad", ["", "a\0b", None, 42])
+def test_bad_path_is_refused_naming_the_argument(tree: Path, bad: object) -> None:
+    write = make_write(engine_protecting(tree))
+    with pytest.raises(InvalidArgumentError) as caught:
+        write(agent_id="a", filepath=bad, content="x")  # type: ignore[arg-type]
+    assert caught.value.argument == "filepath"

@@ -1,0 +1,44 @@
+"""The import paths and names users already rely on (SPEC §1, §10) keep working."""
+
+from __future__ import annotations
+
+import limenex
+
+
+def test_seed_import_paths_exist() -> None:
+    from limenex.core.engine import (  # noqa: F401
+        BlockedError,
+        EscalationRequired,
+        LimenexConfigError,
+        PolicyEngine,
+    )
+    from limenex.core.policy_store import LocalFilePolicyStore  # noqa: F401
+    from limenex.core.stores import (  # noqa: F401
+        InMemoryStateStore,
+        LocalFileStateStore,
+    )
+    from limenex.skills import UnregisteredExecutorError  # noqa: F401
+    from limenex.skills.comms import make_send  # noqa: F401
+    from limenex.skills.filesystem import make_delete, make_move, make_write  # noqa: F401
+    from limenex.skills.finance import make_charge, make_spend  # noqa: F401
+    from limenex.skills.web import make_post  # noqa: F401
+    from limenex.stores import from_url  # noqa: F401
+
+
+def test_package_all_lists_only_real_names() -> None:
+    for name in limenex.__all__:
+        assert hasattr(limenex, name), name
+    assert limenex.Verdict.ALLOW == "ALLOW"
+
+
+def test_store_urls_choose_backends_and_unknown_schemes_list_known_ones(tmp_path: object) -> None:
+    import pytest
+
+    from limenex.core.errors import LimenexConfigError
+    from limenex.core.stores import InMemoryStateStore, LocalFileStateStore
+    from limenex.stores import from_url
+
+    assert isinstance(from_url("memory://"), InMemoryStateStore)
+    assert isinstance(from_url(f"file://{tmp_path}/s.json"), LocalFileStateStore)
+    with pytest.raises(LimenexConfigError, match="known schemes: memory://, file://"):
+        from_url("mongodb://x")
