@@ -28,6 +28,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from limenex.core.clock import Clock, SystemClock
@@ -162,11 +163,15 @@ class PolicyEngine:
     ) -> Any:
         """Govern one call: decide, and on ALLOW run ``action()`` and settle the state."""
         plan = self._plan(skill_id, agent_id, params)
+        direct = self._store_is_direct  # sync-only stores are called inline: no extra await
         reservation: Reservation | None = None
         decision = plan.breach
         if decision is None and plan.checks:
             try:
-                outcome = await self._areserve(plan)
+                if direct:
+                    outcome = self.state_store.reserve(plan.checks, self.clock.now())
+                else:
+                    outcome = await self._areserve(plan)
             except Exception as exc:
                 raise self._fail(plan, "the state store", exc) from exc
             if type(outcome) is StateBreach:
@@ -182,10 +187,11 @@ class PolicyEngine:
         if decision is not None:
             await self._arelease(reservation)
             self._refuse(plan, decision)
-        self._before_action(plan, reservation)
+        if self.audit_logger is not None:
+            self._before_action(plan, reservation)
         try:
             result = action()
-            if inspect.isawaitable(result):
+            if type(result) is CoroutineType or inspect.isawaitable(result):
                 result = await result
         except Exception:
             await self._arelease(reservation)
@@ -194,8 +200,13 @@ class PolicyEngine:
         except BaseException:
             await self._acommit(reservation)
             raise
-        await self._acommit(reservation)
-        self._after_action(plan, "executed")
+        if reservation is not None:
+            if direct:
+                self._settle(self.state_store.commit, reservation)
+            else:
+                await self._acommit(reservation)
+        if self.audit_logger is not None:
+            self._after_action(plan, "executed")
         return result
 
     def execute_sync(
@@ -224,7 +235,8 @@ class PolicyEngine:
         if decision is not None:
             self._settle(store.release, reservation)
             self._refuse(plan, decision)
-        self._before_action(plan, reservation)
+        if self.audit_logger is not None:
+            self._before_action(plan, reservation)
         try:
             result = action()
         except Exception:
@@ -479,8 +491,6 @@ class PolicyEngine:
         raise BlockedError(decision)
 
     def _before_action(self, plan: Plan, reservation: Reservation | None) -> None:
-        if self.audit_logger is None:
-            return
         try:
             self._audit("decision", allow_decision(plan), plan.params, fail_closed=True)
         except BlockedError:

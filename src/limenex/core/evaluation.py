@@ -33,6 +33,10 @@ __all__ = [
     "to_decimal",
 ]
 
+_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
+_isfinite = math.isfinite
+# What plan_call checks about an argument a policy reads.
+_AMOUNT, _CUMULATIVE_AMOUNT, _TEXT, _SCOPE = "amount", "cumulative amount", "text", "scope"
 _SYMBOLS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">=", "eq": "==", "neq": "!="}
 _ONE = Decimal(1)
 
@@ -139,6 +143,7 @@ class CompiledSkill:
 
     __slots__ = (
         "amount_params",
+        "arg_checks",
         "cumulative_params",
         "policies",
         "scope_params",
@@ -182,6 +187,12 @@ class CompiledSkill:
         self.cumulative_params = frozenset(cumulative)
         self.set_params = tuple(set_params)
         self.scope_params = tuple(scope_params)
+        checks: dict[str, str] = {name: _SCOPE for name in scope_params}
+        checks.update((name, _TEXT) for name in set_params)
+        checks.update(
+            (name, _CUMULATIVE_AMOUNT if name in cumulative else _AMOUNT) for name in amount_params
+        )
+        self.arg_checks: tuple[tuple[str, str], ...] = tuple(checks.items())
 
     def referenced_params(self) -> set[str]:
         """Every call argument some policy reads (``agent`` scope excluded)."""
@@ -210,11 +221,11 @@ def to_decimal(name: str, value: object, *, allow_negative: bool = True) -> Deci
     """
     kind = type(value)
     if kind is float or (kind is not bool and isinstance(value, float)):
-        if not math.isfinite(value):  # type: ignore[arg-type]
+        if not _isfinite(value):  # type: ignore[arg-type]
             raise InvalidArgumentError(
                 f"argument {name!r} must be a finite number, got {value!r}", argument=name
             )
-        number = Decimal(repr(float(value)))  # type: ignore[arg-type]
+        number = Decimal(repr(value if kind is float else float(value)))  # type: ignore[arg-type]
     elif kind is int or (kind is not bool and isinstance(value, int)):
         number = Decimal(int(value))  # type: ignore[call-overload]
     elif isinstance(value, Decimal):
@@ -265,29 +276,19 @@ def check_agent_id(agent_id: object) -> str:
     return agent_id
 
 
-def _lookup(params: Mapping[str, Any], name: str) -> Any:
-    try:
-        return params[name]
-    except KeyError:
-        raise InvalidArgumentError(
-            f"argument {name!r} is missing (a policy reads it)", argument=name
-        ) from None
-
-
 # --- planning ------------------------------------------------------------------------------
 
 
 class Plan:
     """Everything decided before state is touched, and what the store must check."""
 
-    __slots__ = ("agent_id", "amounts", "breach", "checks", "params", "semantic", "skill")
+    __slots__ = ("agent_id", "breach", "checks", "params", "semantic", "skill")
 
     def __init__(
         self,
         skill: CompiledSkill,
         agent_id: str,
         params: Mapping[str, Any],
-        amounts: dict[str, Decimal],
         checks: list[Check],
         semantic: list[_Semantic],
         breach: Decision | None,
@@ -295,7 +296,6 @@ class Plan:
         self.skill = skill
         self.agent_id = agent_id
         self.params = params
-        self.amounts = amounts
         self.checks = checks
         self.semantic = semantic
         self.breach = breach  # the first stateless breach, if any
@@ -308,15 +308,21 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
     semantic rule after it is planned.
     """
     amounts: dict[str, Decimal] = {}
-    cumulative = skill.cumulative_params
-    for name in skill.amount_params:
-        amounts[name] = to_decimal(
-            name, _lookup(params, name), allow_negative=name not in cumulative
-        )
-    for name in skill.set_params:
-        _require_text(name, _lookup(params, name))
-    for name in skill.scope_params:
-        _require_scope_value(name, _lookup(params, name))
+    for name, kind in skill.arg_checks:
+        try:
+            value = params[name]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"argument {name!r} is missing (a policy reads it)", argument=name
+            ) from None
+        if kind is _AMOUNT:
+            amounts[name] = to_decimal(name, value)
+        elif kind is _CUMULATIVE_AMOUNT:
+            amounts[name] = to_decimal(name, value, allow_negative=False)
+        elif kind is _TEXT:
+            _require_text(name, value)
+        else:
+            _require_scope_value(name, value)
 
     checks: list[Check] = []
     semantic: list[_Semantic] = []
@@ -324,10 +330,11 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
     for step in skill.steps:
         if type(step) is _Stateful:
             amount = _ONE if step.param is None else amounts[step.param]
-            key = CounterKey(
-                step.dimension, step.scope_name, step.subject(agent_id, params), step.window_spec
+            key = _new(
+                CounterKey,
+                (step.dimension, step.scope_name, step.subject(agent_id, params), step.window_spec),
             )
-            checks.append(Check(step.index, key, step.window, amount, step.op, step.limit))
+            checks.append(_new(Check, (step.index, key, step.window, amount, step.op, step.limit)))
         elif type(step) is _PerCall:
             value = amounts[step.param]  # type: ignore[index]
             if not step.test(value, step.limit):
@@ -360,7 +367,7 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
                 break
         else:
             semantic.append(step)  # type: ignore[arg-type]
-    return Plan(skill, agent_id, params, amounts, checks, semantic, breach)
+    return Plan(skill, agent_id, params, checks, semantic, breach)
 
 
 def state_decision(plan: Plan, breach: StateBreach) -> Decision:
