@@ -726,3 +726,13 @@ async def test_scoped_limits_count_per_recipient(make_engine: MakeEngine) -> Non
     await send(agent_id="b", channel="email", recipient="x", text="4")
     with pytest.raises(EscalationRequired):
         await send(agent_id="c", channel="email", recipient="y", text="5")
+
+
+def test_engine_refuses_objects_that_are_not_stores() -> None:
+    with pytest.raises(LimenexConfigError, match="policy_store must be"):
+        PolicyEngine(policy_store=object())  # type: ignore[arg-type]
+    with pytest.raises(LimenexConfigError, match="state_store must be"):
+        PolicyEngine(
+            policy_store=InMemoryPolicyStore.from_yaml(SPEND_LT_50),
+            state_store=object(),  # type: ignore[arg-type]
+        )

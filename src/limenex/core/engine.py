@@ -100,6 +100,11 @@ class PolicyEngine:
     ) -> None:
         if isinstance(policy_store, str | os.PathLike):
             policy_store = LocalFilePolicyStore(policy_store)
+        if not isinstance(policy_store, PolicyStore):
+            raise LimenexConfigError(
+                "policy_store must be a PolicyStore (e.g. LocalFilePolicyStore) or a path, "
+                f"got {type(policy_store).__name__}"
+            )
         if state_store is None or isinstance(state_store, str):
             from limenex.stores import from_url
 

@@ -1,0 +1,1165 @@
+"""State stores that live in one process or one file: :class:`InMemoryStateStore` and
+:class:`LocalFileStateStore`. The contract they implement is :mod:`limenex.core.state`.
+
+Both keep their numbers in a :class:`Ledger`: pure bookkeeping of running totals, calendar
+periods, rolling-window entries and pending reservations, with no locks and no I/O. The
+stores add a lock around it, and the file store the persistence.
+
+``adjust`` never takes a total below zero: a refund larger than the total leaves zero, and
+a refund on a rolling window consumes its oldest entries first, so that it cannot surface as
+a negative total once the entries it offset have expired.
+
+The JSON file
+-------------
+
+``state.json`` keeps the seed's layout, ``{dimension: {agent_id: total}}``, for every total
+scoped to the agent without a window. Everything else lives under one reserved key, present
+only when there is something to keep::
+
+    {"spend_usd": {"agent-1": 30.0},
+     "__limenex__": {
+       "version": 1,
+       "tables": [
+         {"dimension": "spend_usd", "scope": "global", "window": "", "subjects": {"": 30.0}},
+         {"dimension": "spend_calls", "scope": "agent", "window": "day",
+          "subjects": {"agent-1": ["2025-11-24", 3]}},
+         {"dimension": "spend_usd", "scope": "agent", "window": "24h",
+          "subjects": {"agent-1": [[1764000000.5, 30.0]]}}],
+       "pending": {"<id>": {"created_at": 1764000000.5, "expires_at": 1764000300.5,
+                            "owner": "host:4242",
+                            "amounts": [["spend_usd", "agent", "agent-1", "", 30.0, null]]}}}}
+
+A calendar subject holds its period and total, a rolling subject its ``[time, amount]``
+entries, and a pending amount ends with where it was added (``null``, the period, or the
+entry's time). Amounts are exact decimal literals (``str(Decimal)``, read back with
+``parse_float=Decimal``); times are ``repr(float)``.
+
+Every operation reads, changes and writes the file under an exclusive ``flock`` of
+``state.json.lock`` (never removed) and the store's thread lock. A write goes to
+``state.json.tmp`` (a crashed writer's leftover is removed first), then ``os.replace``. A file
+that is not ours (not JSON, a wrong shape, a negative total, an unknown version...) raises
+:class:`~limenex.core.errors.CorruptStateError` on every call and is never overwritten.
+
+Durability
+----------
+
+Every write goes to a temporary file that is fdatasynced before it replaces ``state.json``,
+so a crash shows the old file or the new one, never a torn one, on any filesystem. What
+``reserve``, ``adjust`` and ``reset`` write is also made durable by an fsync of the folder
+after the rename: once ``reserve`` returns, the amount survives a power cut. ``commit`` and
+``release`` skip that folder fsync. Losing their rename in a crash is harmless: the pending
+record it removed comes back, expires with its lease and stays counted — what a commit
+means, and what the contract already says of a release that could not be made.
+
+To keep the CPU cost of a write small, the store keeps the bytes it last read or wrote with
+the parsed state (it re-parses only when the file's bytes differ) and the JSON of every
+subject, re-encoding only what an operation touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import secrets
+import socket
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import reduce
+from json import loads
+from json.encoder import encode_basestring_ascii
+from typing import Any, TypeVar, cast
+
+from limenex.core.errors import CorruptStateError, LimenexConfigError, StateStoreError
+from limenex.core.state import (
+    EXACT,
+    OPERATORS,
+    Check,
+    CounterKey,
+    PendingReservation,
+    Reservation,
+    StateBreach,
+    StateStore,
+    run_blocking,
+)
+from limenex.core.window import Window
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock
+    fcntl = None  # type: ignore[assignment]  # LocalFileStateStore refuses to start then
+
+__all__ = ["InMemoryStateStore", "LocalFileStateStore", "StateStore"]
+
+RESERVED = "__limenex__"
+"""The state file's top-level key for everything beyond the seed layout."""
+
+TableKey = tuple[str, str, str]
+"""``(dimension, scope, window)``: one policy dimension's totals, by subject."""
+Where = str | float | None
+"""Where an amount was put: a plain total, a calendar period, a rolling entry's time."""
+Undo = tuple[CounterKey, Where, Decimal]
+Hold = tuple[float, float, str, tuple[Undo, ...]]
+"""A pending reservation: ``(expires_at, created_at, owner, amounts)``."""
+
+_ZERO = Decimal(0)
+_add = EXACT.add
+_subtract = EXACT.subtract
+_T = TypeVar("_T")
+
+
+def _minus(total: Decimal, amount: Decimal) -> Decimal:
+    """``total - amount``, never below zero."""
+    rest = _subtract(total, amount)
+    return rest if rest > 0 else _ZERO
+
+
+def _checked(amount: Decimal, *, refund: bool = False) -> Decimal:
+    """``amount`` if it is finite and, unless a refund, not negative; else StateStoreError."""
+    if not amount.is_finite() or (amount < 0 and not refund):
+        kind = "finite number" if refund else "finite, non-negative number"
+        raise StateStoreError(f"amount {amount} is not a {kind}")
+    return amount
+
+
+def _lease(seconds: float) -> float:
+    if type(seconds) not in (int, float) or not (math.isfinite(seconds) and seconds > 0):
+        raise LimenexConfigError(f"lease_seconds must be a positive number, got {seconds!r}")
+    return float(seconds)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _json(text: str) -> bytes:
+    return encode_basestring_ascii(text).encode()
+
+
+# --- tables: one (dimension, scope, window)'s totals, by subject --------------------------
+
+
+class _Table(ABC):
+    """One ``TableKey``'s totals. The kinds differ in how time makes an amount stop counting.
+
+    ``put``/``take``/``adjust`` get amounts that the ledger has checked. ``dump`` and each
+    kind's ``load`` class method are the table's JSON form (``load`` raises ``_Corrupt``).
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def total(self, subject: str, now: float) -> Decimal:
+        """The subject's total at ``now`` (dead data may be pruned on the way)."""
+
+    @abstractmethod
+    def put(self, subject: str, amount: Decimal, total: Decimal, now: float) -> Where:
+        """Record ``amount``; ``total`` is the new total, already computed by the caller."""
+
+    @abstractmethod
+    def take(self, subject: str, amount: Decimal, where: Where) -> None:
+        """Undo a ``put``; nothing if that amount no longer counts."""
+
+    @abstractmethod
+    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
+        """Add ``delta`` (negative: a refund), never going below zero; the new total."""
+
+    @abstractmethod
+    def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
+        """Each subject's total at ``now`` (none for dead ones), changing nothing."""
+
+    @abstractmethod
+    def subjects(self) -> Iterable[str]:
+        """Every stored subject."""
+
+    @abstractmethod
+    def dump(self, subject: str) -> bytes | None:
+        """The subject's value as JSON, ``None`` when nothing is stored for it."""
+
+
+class _Totals(_Table):
+    """Totals that never expire, as a plain ``{subject: total}`` (the seed's layout)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: dict[str, Decimal] | None = None) -> None:
+        self.values: dict[str, Decimal] = {} if values is None else values
+
+    @classmethod
+    def load(cls, subjects: dict[str, Any], where: str) -> _Totals:
+        for subject, total in subjects.items():
+            if type(total) is not Decimal or total < 0:  # the message only when it is needed
+                _amount(total, f"{where}[{subject!r}]")
+        return cls(subjects)
+
+    def total(self, subject: str, now: float) -> Decimal:
+        return self.values.get(subject, _ZERO)
+
+    def put(self, subject: str, amount: Decimal, total: Decimal, now: float) -> Where:
+        self.values[subject] = total
+        return None
+
+    def take(self, subject: str, amount: Decimal, where: Where) -> None:
+        total = self.values.get(subject)
+        if total is not None:
+            self.values[subject] = _minus(total, amount)
+
+    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
+        total = self.values[subject] = _minus(self.values.get(subject, _ZERO), -delta)
+        return total
+
+    def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
+        return iter(self.values.items())
+
+    def subjects(self) -> Iterable[str]:
+        return self.values.keys()
+
+    def dump(self, subject: str) -> bytes | None:
+        total = self.values.get(subject)
+        return None if total is None else str(total).encode()
+
+
+def _period(unit: str, now: float) -> tuple[float, float]:
+    """The ``[start, end)`` epoch seconds of the calendar period (UTC) containing ``now``."""
+    moment = datetime.fromtimestamp(now, UTC)
+    start = moment.replace(minute=0, second=0, microsecond=0)
+    if unit == "hour":
+        return start.timestamp(), (start + timedelta(hours=1)).timestamp()
+    start = start.replace(hour=0)
+    if unit == "day":
+        end = start + timedelta(days=1)
+    elif unit == "week":
+        start -= timedelta(days=start.weekday())
+        end = start + timedelta(days=7)
+    else:
+        start = start.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    return start.timestamp(), end.timestamp()
+
+
+class _Calendar(_Table):
+    """``{subject: (period, total)}``: a total counts until its period ends.
+
+    A subject recorded in a later period than ``now``'s (another process's clock ran ahead)
+    keeps that period: the later one wins, the safe side.
+    """
+
+    __slots__ = ("_cached", "unit", "values", "window")
+
+    def __init__(
+        self, window: Window, values: dict[str, tuple[str, Decimal]] | None = None
+    ) -> None:
+        if window.calendar is None:
+            raise StateStoreError(f"{window} is not a calendar window")
+        self.window, self.unit = window, window.calendar
+        self.values: dict[str, tuple[str, Decimal]] = {} if values is None else values
+        self._cached = (0.0, 0.0, "")  # (start, end, name) of the last period seen
+
+    @classmethod
+    def load(cls, window: Window, subjects: dict[str, Any], where: str) -> _Calendar:
+        values = {}
+        for subject, value in subjects.items():
+            at = f"{where}[{subject!r}]"
+            period, total = _array(value, at, 2)
+            values[subject] = (_text(period, f"{at}[0]"), _amount(total, f"{at}[1]"))
+        return cls(window, values)
+
+    def _bucket(self, now: float) -> str:
+        start, end, name = self._cached
+        if start < now < end:
+            return name
+        name = self.window.bucket(now)
+        start, end = _period(self.unit, now)
+        # A microsecond clear of the edges, where Window.bucket's own rounding decides.
+        self._cached = (start + 1e-6, end - 1e-6, name)
+        return name
+
+    def _current(self, subject: str, now: float) -> tuple[str, Decimal]:
+        bucket = self._bucket(now)
+        held = self.values.get(subject)
+        if held is None:
+            return bucket, _ZERO
+        if held[0] < bucket:
+            del self.values[subject]
+            return bucket, _ZERO
+        return held
+
+    def total(self, subject: str, now: float) -> Decimal:
+        return self._current(subject, now)[1]
+
+    def put(self, subject: str, amount: Decimal, total: Decimal, now: float) -> Where:
+        bucket = self._current(subject, now)[0]
+        self.values[subject] = (bucket, total)
+        return bucket
+
+    def take(self, subject: str, amount: Decimal, where: Where) -> None:
+        held = self.values.get(subject)
+        if held is not None and held[0] == where:
+            self.values[subject] = (held[0], _minus(held[1], amount))
+
+    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
+        bucket, total = self._current(subject, now)
+        total = _minus(total, -delta)
+        self.values[subject] = (bucket, total)
+        return total
+
+    def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
+        bucket = self._bucket(now)
+        return ((s, total) for s, (b, total) in self.values.items() if b >= bucket)
+
+    def subjects(self) -> Iterable[str]:
+        return self.values.keys()
+
+    def dump(self, subject: str) -> bytes | None:
+        held = self.values.get(subject)
+        return None if held is None else b"[%s, %s]" % (_json(held[0]), str(held[1]).encode())
+
+
+class _Series:
+    """One subject's rolling entries ``(time, amount)``, oldest first, and their exact sum."""
+
+    __slots__ = ("entries", "total")
+
+    def __init__(self, entries: Iterable[tuple[float, Decimal]] = ()) -> None:
+        self.entries: deque[tuple[float, Decimal]] = deque(entries)
+        self.total: Decimal = reduce(_add, (amount for _, amount in self.entries), _ZERO)
+
+
+class _Rolling(_Table):
+    """``{subject: series}``: an amount recorded at ``t`` counts in ``[t, t + seconds)``.
+
+    Entries are pruned from the left. One recorded with an earlier time than the last (a
+    clock that went back) waits behind it and so counts a little longer: the safe side.
+    """
+
+    __slots__ = ("seconds", "values")
+
+    def __init__(self, window: Window, values: dict[str, _Series] | None = None) -> None:
+        if window.seconds is None:
+            raise StateStoreError(f"{window} is not a rolling window")
+        self.seconds = window.seconds
+        self.values: dict[str, _Series] = {} if values is None else values
+
+    @classmethod
+    def load(cls, window: Window, subjects: dict[str, Any], where: str) -> _Rolling:
+        values = {}
+        for subject, value in subjects.items():
+            at = f"{where}[{subject!r}]"
+            entries = []
+            for n, entry in enumerate(_array(value, at)):
+                time, amount = _array(entry, f"{at}[{n}]", 2)
+                entries.append((_time(time, f"{at}[{n}][0]"), _amount(amount, f"{at}[{n}][1]")))
+            values[subject] = _Series(entries)
+        return cls(window, values)
+
+    def _series(self, subject: str, now: float) -> _Series | None:
+        series = self.values.get(subject)
+        if series is None:
+            return None
+        entries, seconds = series.entries, self.seconds
+        while entries and entries[0][0] + seconds <= now:
+            series.total = _subtract(series.total, entries.popleft()[1])
+        if not entries:
+            del self.values[subject]
+            return None
+        return series
+
+    def total(self, subject: str, now: float) -> Decimal:
+        series = self._series(subject, now)
+        return _ZERO if series is None else series.total
+
+    def put(self, subject: str, amount: Decimal, total: Decimal, now: float) -> Where:
+        series = self._series(subject, now)
+        if series is None:
+            series = self.values[subject] = _Series()
+        series.entries.append((now, amount))
+        series.total = total
+        return now
+
+    def take(self, subject: str, amount: Decimal, where: Where) -> None:
+        series = self.values.get(subject)
+        if series is None:
+            return
+        try:
+            series.entries.remove((cast(float, where), amount))  # a rolling entry's time
+        except ValueError:
+            return  # expired, or consumed by a refund: it stays counted as it is
+        series.total = _subtract(series.total, amount)
+        if not series.entries:
+            del self.values[subject]
+
+    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
+        """A positive delta is a new entry; a refund consumes the oldest entries first.
+
+        Consuming the oldest ends the refund's effect no later than the amounts it cancels
+        would have stopped counting, so the total can never turn negative later on.
+        """
+        total = self.total(subject, now)
+        if delta >= 0:
+            total = _add(total, delta)
+            if delta:
+                self.put(subject, delta, total, now)
+            return total
+        series = self.values.get(subject)
+        if series is None:
+            return _ZERO
+        entries, owed = series.entries, -delta
+        while owed and entries:
+            at, amount = entries.popleft()
+            if amount > owed:
+                entries.appendleft((at, _subtract(amount, owed)))
+                break
+            owed = _subtract(owed, amount)
+        series.total = _minus(total, -delta)
+        if not entries:
+            del self.values[subject]
+        return series.total
+
+    def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
+        def expired(entry: tuple[float, Decimal]) -> bool:
+            return entry[0] + self.seconds <= now
+
+        for subject, series in self.values.items():
+            counted = [amount for _, amount in itertools.dropwhile(expired, series.entries)]
+            if counted:  # the entries that ``total`` would keep after pruning
+                yield subject, reduce(_add, counted, _ZERO)
+
+    def subjects(self) -> Iterable[str]:
+        return self.values.keys()
+
+    def dump(self, subject: str) -> bytes | None:
+        series = self.values.get(subject)
+        if series is None:
+            return None
+        return ("[" + ", ".join(f"[{at!r}, {a}]" for at, a in series.entries) + "]").encode()
+
+
+def _new_table(key: CounterKey, window: Window | None) -> _Table:
+    if key.dimension == RESERVED:
+        raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
+    if window is None and key.window:
+        try:
+            window = Window.parse(key.window)
+        except ValueError as exc:
+            raise StateStoreError(f"counter {key}: {exc}") from exc
+    if (window.spec if window else "") != key.window:
+        raise StateStoreError(f"counter {key} does not match its window {window}")
+    if window is None:
+        return _Totals()
+    if window.calendar:
+        return _Calendar(window)
+    return _Rolling(window)
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+
+class Ledger:
+    """Every total and pending reservation of one store, as plain Python data.
+
+    Not thread-safe and without I/O: a store serialises calls and persists it. ``tables``
+    maps ``(dimension, scope, window)`` to that dimension's totals by subject (a plain dict
+    of decimals for unwindowed ones, so a million agents fit in a few hundred MB);
+    ``holds`` maps a reservation id to its pending record, oldest first. With
+    ``track=True``, ``touched`` collects every ``(table key, subject)`` that may have
+    changed, for a store that re-encodes only those.
+    """
+
+    __slots__ = ("holds", "tables", "touched")
+
+    def __init__(self, *, track: bool = False) -> None:
+        self.tables: dict[TableKey, _Table] = {}
+        self.holds: dict[str, Hold] = {}
+        self.touched: set[tuple[TableKey, str]] | None = set() if track else None
+
+    def table(self, key: CounterKey, window: Window | None) -> _Table:
+        """The table of ``key``, created on first use (and marked touched)."""
+        tkey = (key[0], key[1], key[3])
+        table = self.tables.get(tkey)
+        if table is None:
+            table = self.tables[tkey] = _new_table(key, window)
+        if self.touched is not None:
+            self.touched.add((tkey, key[2]))
+        return table
+
+    def existing(self, key: CounterKey) -> _Table | None:
+        """The table of ``key`` if there is one (marked touched: reading may prune it)."""
+        tkey = (key[0], key[1], key[3])
+        table = self.tables.get(tkey)
+        if table is not None and self.touched is not None:
+            self.touched.add((tkey, key[2]))
+        return table
+
+    def reserve(
+        self, checks: Sequence[Check], now: float, rid: str, owner: str, lease: float
+    ) -> Reservation | StateBreach:
+        """Test every check and, if all hold, add each key's amount once (the contract)."""
+        holds = self.holds
+        if holds:
+            self._expire_head(now)
+        try:
+            if len(checks) == 1:  # the common case, without the bookkeeping of many keys
+                check = checks[0]
+                key, amount = check.key, check.amount
+                if amount.is_signed() or not amount.is_finite():  # cheaper than ``< 0``
+                    _checked(amount)
+                table = self.tables.get((key[0], key[1], key[3]))
+                if table is None or self.touched is not None:
+                    table = self.table(key, check.window)
+                if type(table) is _Totals:  # inline: the hottest path of all
+                    values = table.values
+                    total = values.get(key[2], _ZERO)
+                    projected = _add(total, amount)
+                    if not OPERATORS[check.op](projected, check.limit):
+                        return StateBreach(0, total, projected)
+                    values[key[2]] = projected
+                    undo: tuple[Undo, ...] = ((key, None, amount),)
+                else:
+                    total = table.total(key[2], now)
+                    projected = _add(total, amount)
+                    if not OPERATORS[check.op](projected, check.limit):
+                        return StateBreach(0, total, projected)
+                    undo = ((key, table.put(key[2], amount, projected, now), amount),)
+                observed: tuple[Decimal, ...] = (total,)
+            else:
+                outcome = self._reserve_many(checks, now)
+                if isinstance(outcome, StateBreach):
+                    return outcome
+                undo, observed = outcome
+        except ArithmeticError as exc:
+            raise StateStoreError(f"cannot keep an exact total: {exc!r}") from exc
+        holds[rid] = (now + lease, now, owner, undo)
+        return Reservation(rid, observed, None)
+
+    def _reserve_many(
+        self, checks: Sequence[Check], now: float
+    ) -> tuple[tuple[Undo, ...], tuple[Decimal, ...]] | StateBreach:
+        plans: dict[CounterKey, tuple[_Table, Decimal, Decimal, Decimal]] = {}
+        observed = []
+        for position, check in enumerate(checks):
+            key = check.key
+            plan = plans.get(key)
+            if plan is None:
+                table = self.table(key, check.window)
+                total = table.total(key.subject, now)
+                amount = _checked(check.amount)
+                plan = plans[key] = (table, amount, total, _add(total, amount))
+            total, projected = plan[2], plan[3]
+            if not OPERATORS[check.op](projected, check.limit):
+                return StateBreach(position, total, projected)
+            observed.append(total)
+        undo = tuple(
+            (key, table.put(key.subject, amount, projected, now), amount)
+            for key, (table, amount, _, projected) in plans.items()
+        )
+        return undo, tuple(observed)
+
+    def commit(self, reservation: Reservation) -> bool:
+        """Drop a pending reservation: its amounts stay counted. ``False`` if it was gone."""
+        return self.holds.pop(reservation.id, None) is not None
+
+    def release(self, reservation: Reservation) -> bool:
+        """Drop a pending reservation and undo its amounts. ``False`` if it was gone."""
+        hold = self.holds.pop(reservation.id, None)
+        if hold is None:
+            return False
+        for key, where, amount in hold[3]:
+            table = self.existing(key)
+            if table is not None:
+                with contextlib.suppress(ArithmeticError):  # cannot undo exactly: stays counted
+                    table.take(key.subject, amount, where)
+        return True
+
+    def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
+        totals = []
+        for check in checks:
+            key = check.key
+            table = self.existing(key)
+            totals.append(_ZERO if table is None else table.total(key.subject, now))
+        return tuple(totals)
+
+    def adjust(self, key: CounterKey, delta: Decimal, now: float, window: Window | None) -> Decimal:
+        table = self.table(key, window)
+        try:
+            return table.adjust(key.subject, _checked(delta, refund=True), now)
+        except ArithmeticError as exc:
+            raise StateStoreError(f"cannot keep an exact total: {exc!r}") from exc
+
+    def totals(self, now: float) -> list[tuple[CounterKey, Decimal]]:
+        return [
+            (CounterKey(tkey[0], tkey[1], subject, tkey[2]), total)
+            for tkey, table in self.tables.items()
+            for subject, total in table.live(now)
+        ]
+
+    def pending(self, now: float) -> list[PendingReservation]:
+        for rid in [rid for rid, hold in self.holds.items() if hold[0] <= now]:
+            del self.holds[rid]
+        return [
+            PendingReservation(rid, created, expires, tuple((k, a) for k, _, a in undo), owner)
+            for rid, (expires, created, owner, undo) in self.holds.items()
+        ]
+
+    def reset(self, dimension: str | None) -> None:
+        """Forget the totals of ``dimension`` (all when ``None``) and its pending amounts."""
+        if dimension is None:
+            self.tables.clear()
+            self.holds.clear()
+            return
+        for tkey in [tkey for tkey in self.tables if tkey[0] == dimension]:
+            del self.tables[tkey]
+        for rid, (expires, created, owner, undo) in list(self.holds.items()):
+            kept = tuple(entry for entry in undo if entry[0].dimension != dimension)
+            if not kept:
+                del self.holds[rid]
+            elif len(kept) < len(undo):
+                self.holds[rid] = (expires, created, owner, kept)
+
+    def _expire_head(self, now: float) -> None:
+        """Drop expired pending records from the oldest on: their amounts stay counted."""
+        holds = self.holds
+        while holds:
+            rid, hold = next(iter(holds.items()))
+            if hold[0] > now:
+                return
+            del holds[rid]
+
+
+# --- the stores ------------------------------------------------------------------------------
+
+
+class InMemoryStateStore(StateStore):
+    """Totals in this process's memory: the fastest store, and gone when the process ends."""
+
+    def __init__(self, *, lease_seconds: float = 300.0) -> None:
+        self.lease_seconds = _lease(lease_seconds)
+        self._ledger = Ledger()
+        lock = threading.Lock()
+        self._enter, self._leave = lock.acquire, lock.release
+        # Counting from a random 62-bit start: another store's reservation ids are not ours.
+        self._ids = map(str, itertools.count(secrets.randbits(62)))
+        self._owner = _owner()
+
+    # ``acquire``/``try``/``finally`` rather than ``with``: half the cost on this hot path.
+
+    def reserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
+        self._enter()
+        try:
+            rid = next(self._ids)
+            return self._ledger.reserve(checks, now, rid, self._owner, self.lease_seconds)
+        finally:
+            self._leave()
+
+    def commit(self, reservation: Reservation) -> None:
+        self._enter()
+        try:
+            self._ledger.commit(reservation)
+        finally:
+            self._leave()
+
+    def release(self, reservation: Reservation) -> None:
+        self._locked(lambda: self._ledger.release(reservation))
+
+    def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
+        return self._locked(lambda: self._ledger.peek(checks, now))
+
+    def adjust(
+        self, key: CounterKey, delta: Decimal, now: float, window: Window | None = None
+    ) -> Decimal:
+        return self._locked(lambda: self._ledger.adjust(key, delta, now, window))
+
+    def totals(self, now: float) -> list[tuple[CounterKey, Decimal]]:
+        return self._locked(lambda: self._ledger.totals(now))
+
+    def pending(self, now: float) -> list[PendingReservation]:
+        return self._locked(lambda: self._ledger.pending(now))
+
+    def reset(self, dimension: str | None = None) -> None:
+        self._locked(lambda: self._ledger.reset(dimension))
+
+    def _locked(self, operation: Callable[[], _T]) -> _T:
+        self._enter()
+        try:
+            return operation()
+        finally:
+            self._leave()
+
+
+class LocalFileStateStore(StateStore):
+    """Totals in one JSON file, safe across threads and processes of one host.
+
+    The file keeps the seed's ``{dimension: {agent_id: total}}`` layout; see the module
+    docstring for the rest of the format, the locking and the fsync policy. A missing file
+    is an empty state; its folder and the lock file beside it are made on first use.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = ".limenex/state.json",
+        *,
+        lease_seconds: float = 300.0,
+    ) -> None:
+        if fcntl is None:  # pragma: no cover - Windows
+            raise StateStoreError("LocalFileStateStore needs POSIX file locks (fcntl.flock)")
+        self.path = os.fspath(path)
+        self.lease_seconds = _lease(lease_seconds)
+        self._folder = os.path.dirname(self.path) or "."
+        self._temp = self.path + ".tmp"
+        self._lock_path = self.path + ".lock"
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._pid = 0  # the process that opened the lock file (a fork needs its own)
+        self._owner = ""
+        self._ledger = Ledger(track=True)
+        self._seen: bytes | None = None  # the file's bytes that the ledger matches
+        self._synced = False
+        self._refused: tuple[bytes | None, str] | None = None  # the last corrupt bytes
+        self._encoder = _Encoder()
+
+    def reserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
+        def operation(ledger: Ledger) -> tuple[Reservation | StateBreach, bool]:
+            rid = uuid.uuid4().hex
+            outcome = ledger.reserve(checks, now, rid, self._owner, self.lease_seconds)
+            return outcome, type(outcome) is Reservation
+
+        return self._run(operation)
+
+    def commit(self, reservation: Reservation) -> None:
+        self._run(lambda ledger: (None, ledger.commit(reservation)), durable=False)
+
+    def release(self, reservation: Reservation) -> None:
+        self._run(lambda ledger: (None, ledger.release(reservation)), durable=False)
+
+    def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
+        return self._run(lambda ledger: (ledger.peek(checks, now), False), exclusive=False)
+
+    def adjust(
+        self, key: CounterKey, delta: Decimal, now: float, window: Window | None = None
+    ) -> Decimal:
+        return self._run(lambda ledger: (ledger.adjust(key, delta, now, window), True))
+
+    def totals(self, now: float) -> list[tuple[CounterKey, Decimal]]:
+        return self._run(lambda ledger: (ledger.totals(now), False), exclusive=False)
+
+    def pending(self, now: float) -> list[PendingReservation]:
+        return self._run(lambda ledger: (ledger.pending(now), False), exclusive=False)
+
+    def reset(self, dimension: str | None = None) -> None:
+        def operation(ledger: Ledger) -> tuple[None, bool]:
+            ledger.reset(dimension)
+            return None, True
+
+        self._run(operation)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_lock_file()
+
+    def __del__(self) -> None:  # a store dropped without close() must not leak a descriptor
+        self._close_lock_file()
+
+    def _close_lock_file(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None and self._pid == os.getpid():  # a fork's copy is the parent's
+            os.close(fd)
+
+    async def areserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
+        outcome: Reservation | StateBreach = await run_blocking(self.reserve, checks, now)
+        return outcome
+
+    async def acommit(self, reservation: Reservation) -> None:
+        await run_blocking(self.commit, reservation)
+
+    async def arelease(self, reservation: Reservation) -> None:
+        await run_blocking(self.release, reservation)
+
+    async def apeek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
+        totals: tuple[Decimal, ...] = await run_blocking(self.peek, checks, now)
+        return totals
+
+    # --- one locked read-modify-write ----------------------------------------------------
+
+    def _run(
+        self,
+        operation: Callable[[Ledger], tuple[_T, bool]],
+        *,
+        exclusive: bool = True,
+        durable: bool = True,
+    ) -> _T:
+        """Run ``operation`` on the file's current state; write it back if it changed."""
+        with self._lock:
+            lock_fd = self._lock_file()
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError as exc:
+                raise StateStoreError(f"cannot lock {self._lock_path}: {exc}") from exc
+            try:
+                ledger = self._load()
+                result, changed = operation(ledger)
+                if changed:
+                    data = self._encoder.encode(ledger)
+                    self._write(data, durable=durable)
+                    self._seen = data
+                return result
+            except BaseException:
+                self._synced = False  # the ledger may be ahead of the file: re-read it
+                raise
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def _lock_file(self) -> int:
+        pid = os.getpid()
+        if self._lock_fd is None or self._pid != pid:
+            if self._lock_fd is not None:  # inherited from the parent: its own lock, not ours
+                inherited, self._lock_fd = self._lock_fd, None
+                with contextlib.suppress(OSError):
+                    os.close(inherited)
+            try:
+                os.makedirs(self._folder, exist_ok=True)
+                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                self._lock_fd = os.open(self._lock_path, flags, 0o666)
+            except OSError as exc:
+                raise StateStoreError(f"cannot open {self._lock_path}: {exc}") from exc
+            self._pid, self._owner = pid, _owner()
+        return self._lock_fd
+
+    def _load(self) -> Ledger:
+        try:
+            with open(self.path, "rb") as file:
+                data: bytes | None = file.read()
+        except FileNotFoundError:
+            data = None
+        except OSError as exc:
+            raise StateStoreError(f"cannot read {self.path}: {exc}") from exc
+        if self._synced and data == self._seen:
+            return self._ledger
+        if self._refused is not None and self._refused[0] == data:
+            raise CorruptStateError(self._refused[1])
+        try:
+            ledger = Ledger(track=True) if data is None else _decode(data)
+        except _Corrupt as exc:
+            message = f"{self.path}: {exc}. The file was left as found: fix or move it."
+            self._refused = (data, message)
+            raise CorruptStateError(message) from None
+        self._ledger, self._seen, self._synced, self._refused = ledger, data, True, None
+        self._encoder = _Encoder()
+        return ledger
+
+    def _write(self, data: bytes, *, durable: bool) -> None:
+        temp = self._temp
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)  # a crashed writer's leftover
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                # Always: a rename must never expose a file whose data is not on disk yet.
+                (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+            if durable:
+                folder = os.open(self._folder, os.O_RDONLY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise StateStoreError(f"cannot write {self.path}: {exc}") from exc
+
+
+# --- the file's JSON ------------------------------------------------------------------------
+
+
+class _Body:
+    """One table's encoded members (``"agent-1": 30.0``) in chunks of a few hundred.
+
+    A change re-joins one chunk, never the whole table: at 10,000 agents that is the
+    difference between a few microseconds and a hundred.
+    """
+
+    SIZE = 256
+
+    def __init__(self, table: _Table) -> None:
+        self.table = table
+        self.chunks: list[dict[str, bytes]] = []
+        self.joined: list[bytes | None] = []
+        self.index: dict[str, int] = {}
+        for subject in table.subjects():
+            self.update(subject)
+
+    def update(self, subject: str) -> None:
+        """Re-encode ``subject`` from the table (dropping it if the table no longer has it)."""
+        value = self.table.dump(subject)
+        n = self.index.get(subject)
+        if n is None:
+            if value is None:
+                return
+            if not self.chunks or len(self.chunks[-1]) >= self.SIZE:
+                self.chunks.append({})
+                self.joined.append(None)
+            n = self.index[subject] = len(self.chunks) - 1
+        if value is None:
+            del self.chunks[n][subject], self.index[subject]
+        else:
+            self.chunks[n][subject] = _json(subject) + b": " + value
+        self.joined[n] = None
+
+    def pieces(self) -> list[bytes]:
+        """The members as byte strings to concatenate (commas included); empty if none."""
+        pieces: list[bytes] = []
+        for n, chunk in enumerate(self.chunks):
+            joined = self.joined[n]
+            if joined is None:
+                joined = self.joined[n] = b", ".join(chunk.values())
+            if joined:
+                pieces += (b", ", joined) if pieces else (joined,)
+        return pieces
+
+
+class _Encoder:
+    """Builds the file's bytes from a ledger, re-encoding only what changed since last time.
+
+    A cache entry remembers the table or pending record it was made from, so a table made
+    anew (after a reset or a re-read) is encoded afresh. The file is assembled with a
+    single ``b"".join``: one copy of its bytes per write.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: dict[TableKey, _Body] = {}
+        self._holds: dict[str, tuple[Hold, bytes]] = {}
+
+    def encode(self, ledger: Ledger) -> bytes:
+        if ledger.touched:
+            for tkey, subject in ledger.touched:
+                body = self._bodies.get(tkey)
+                if body is not None and body.table is ledger.tables.get(tkey):
+                    body.update(subject)
+            ledger.touched.clear()
+        out: list[bytes] = []
+        tables: list[bytes] = []
+        for tkey, table in ledger.tables.items():
+            body = self._bodies.get(tkey)
+            if body is None or body.table is not table:
+                body = self._bodies[tkey] = _Body(table)
+            pieces = body.pieces()
+            dimension, scope, window = tkey
+            if not pieces:
+                continue
+            if (scope, window) == ("agent", ""):
+                _member(out, b"%s: {" % _json(dimension), *pieces, b"}")
+            else:
+                head = b'{"dimension": %s, "scope": %s, "window": %s, "subjects": {'
+                tables += (b", " if tables else b"", head % tuple(map(_json, tkey)), *pieces)
+                tables.append(b"}}")
+        holds = self._pending(ledger.holds)
+        if tables or holds:
+            meta = [b'"%s": {"version": 1' % RESERVED.encode()]
+            if tables:
+                meta += (b', "tables": [', *tables, b"]")
+            if holds:
+                meta += (b', "pending": {', b", ".join(holds), b"}")
+            _member(out, *meta, b"}")
+        out.append(b"}\n" if out else b"{}\n")
+        return b"".join(out)
+
+    def _pending(self, holds: dict[str, Hold]) -> list[bytes]:
+        cache, self._holds = self._holds, {}
+        for rid, hold in holds.items():
+            cached = cache.get(rid)
+            if cached is None or cached[0] is not hold:
+                cached = (hold, _encode_hold(rid, hold))
+            self._holds[rid] = cached
+        return [encoded for _, encoded in self._holds.values()]
+
+
+def _member(out: list[bytes], *pieces: bytes) -> None:
+    """Append one member of the top-level object to ``out``."""
+    out.append(b", " if out else b"{")
+    out += pieces
+
+
+def _encode_hold(rid: str, hold: Hold) -> bytes:
+    expires, created, owner, undo = hold
+    amounts = ", ".join(
+        f"[{encode_basestring_ascii(key[0])}, {encode_basestring_ascii(key[1])}, "
+        f"{encode_basestring_ascii(key[2])}, {encode_basestring_ascii(key[3])}, {amount}, "
+        f"{_encode_where(where)}]"
+        for key, where, amount in undo
+    )
+    return (
+        f'{encode_basestring_ascii(rid)}: {{"created_at": {created!r}, '
+        f'"expires_at": {expires!r}, "owner": {encode_basestring_ascii(owner)}, '
+        f'"amounts": [{amounts}]}}'
+    ).encode()
+
+
+def _encode_where(where: Where) -> str:
+    if where is None:
+        return "null"
+    if isinstance(where, str):
+        return encode_basestring_ascii(where)
+    return repr(where)
+
+
+class _Corrupt(Exception):
+    """What is wrong with a state file (raised as a CorruptStateError naming the file)."""
+
+
+def _decode(data: bytes) -> Ledger:
+    """Parse and check a state file; raise :class:`_Corrupt` saying what is wrong."""
+    try:
+        document = loads(
+            data,
+            parse_float=Decimal,
+            parse_int=Decimal,
+            parse_constant=_no_constant,
+            object_pairs_hook=_unique,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise _Corrupt(f"not valid JSON ({exc})") from None
+    if type(document) is not dict:
+        raise _Corrupt(f"expected an object of dimensions, found {_show(document)}")
+    ledger = Ledger(track=True)
+    for dimension, subjects in document.items():
+        if dimension != RESERVED:
+            where = repr(dimension)
+            table = _Totals.load(_object(subjects, where), where)
+            ledger.tables[(dimension, "agent", "")] = table
+    if RESERVED in document:
+        _decode_meta(document[RESERVED], ledger)
+    return ledger
+
+
+def _decode_meta(value: Any, ledger: Ledger) -> None:
+    meta = _object(value, RESERVED, {"version", "tables", "pending"})
+    version = meta.get("version")
+    if type(version) is not Decimal or version != 1:
+        raise _Corrupt(f"{RESERVED}: unsupported version {_show(version)} (a newer Limenex?)")
+    for n, spec in enumerate(_array(meta.get("tables", []), f"{RESERVED}.tables")):
+        where = f"{RESERVED}.tables[{n}]"
+        fields = _object(spec, where, {"dimension", "scope", "window", "subjects"})
+        tkey = (
+            _text(fields.get("dimension"), f"{where}.dimension"),
+            _text(fields.get("scope"), f"{where}.scope"),
+            _text(fields.get("window"), f"{where}.window"),
+        )
+        if tkey in ledger.tables or tkey[0] == RESERVED or tkey[1:] == ("agent", ""):
+            raise _Corrupt(f"{where}: table {tkey} is repeated or misplaced")
+        window = _window(tkey[2], f"{where}.window")
+        subjects = _object(fields.get("subjects"), f"{where}.subjects")
+        table: _Table
+        if window is None:
+            table = _Totals.load(subjects, where)
+        elif window.calendar:
+            table = _Calendar.load(window, subjects, where)
+        else:
+            table = _Rolling.load(window, subjects, where)
+        ledger.tables[tkey] = table
+    for rid, record in _object(meta.get("pending", {}), f"{RESERVED}.pending").items():
+        where = f"{RESERVED}.pending[{rid!r}]"
+        fields = _object(record, where, {"created_at", "expires_at", "owner", "amounts"})
+        amounts = _array(fields.get("amounts"), f"{where}.amounts")
+        ledger.holds[rid] = (
+            _time(fields.get("expires_at"), f"{where}.expires_at"),
+            _time(fields.get("created_at"), f"{where}.created_at"),
+            _text(fields.get("owner"), f"{where}.owner"),
+            tuple(_decode_undo(entry, f"{where}.amounts[{n}]") for n, entry in enumerate(amounts)),
+        )
+
+
+def _decode_undo(value: Any, where: str) -> Undo:
+    dimension, scope, subject, window_text, amount, put = _array(value, where, 6)
+    key = CounterKey(
+        _text(dimension, f"{where}[0]"),
+        _text(scope, f"{where}[1]"),
+        _text(subject, f"{where}[2]"),
+        _text(window_text, f"{where}[3]"),
+    )
+    window = _window(key.window, f"{where}[3]")
+    at: Where
+    if window is None:
+        if put is not None:
+            raise _Corrupt(f"{where}[5] must be null for a total without a window")
+        at = None
+    elif window.calendar:
+        at = _text(put, f"{where}[5]")
+    else:
+        at = _time(put, f"{where}[5]")
+    return key, at, _amount(amount, f"{where}[4]")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Corrupt(f"key {key!r} appears twice in one object")
+            seen.add(key)
+    return mapping
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value) if isinstance(value, str) else str(value).lower()
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _object(value: Any, where: str, allowed: set[str] | None = None) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _Corrupt(f"{where} must be an object, found {_show(value)}")
+    if allowed is not None and not value.keys() <= allowed:
+        unknown = ", ".join(sorted(value.keys() - allowed))
+        raise _Corrupt(f"{where} has unknown keys: {unknown}")
+    return value
+
+
+def _array(value: Any, where: str, length: int | None = None) -> list[Any]:
+    if type(value) is not list or (length is not None and len(value) != length):
+        shape = "a list" if length is None else f"a list of {length}"
+        raise _Corrupt(f"{where} must be {shape}, found {_show(value)}")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if type(value) is not str:
+        raise _Corrupt(f"{where} must be a string, found {_show(value)}")
+    return value
+
+
+def _amount(value: Any, where: str) -> Decimal:
+    if type(value) is not Decimal or value < 0:
+        raise _Corrupt(f"{where} must be a non-negative number, found {_show(value)}")
+    return value
+
+
+def _time(value: Any, where: str) -> float:
+    seconds = float(value) if type(value) is Decimal else math.nan
+    if not math.isfinite(seconds):
+        raise _Corrupt(f"{where} must be a time in seconds, found {_show(value)}")
+    return seconds
+
+
+def _window(text: str, where: str) -> Window | None:
+    try:
+        return Window.parse(text) if text else None
+    except ValueError as exc:
+        raise _Corrupt(f"{where}: {exc}") from None
