@@ -736,3 +736,34 @@ def test_engine_refuses_objects_that_are_not_stores() -> None:
             policy_store=InMemoryPolicyStore.from_yaml(SPEND_LT_50),
             state_store=object(),  # type: ignore[arg-type]
         )
+
+
+def test_governed_binds_positional_keyword_and_default_arguments_alike(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine(
+        """
+        billing.pay:
+          policies:
+            - type: deterministic
+              dimension: spend_usd
+              param: amount_usd
+              operator: lte
+              value: 10
+              breach_verdict: BLOCK
+        """
+    )
+
+    @engine.governed("billing.pay")
+    def pay(agent_id: str, amount_usd: float = 4, *, memo: str = "") -> float:
+        return amount_usd
+
+    assert pay("a") == 4  # default applied and counted
+    assert pay("a", 3) == 3  # positional
+    assert pay(agent_id="a", amount_usd=3, memo="m") == 3  # keyword fast path
+    with pytest.raises(BlockedError):
+        pay(amount_usd=1, agent_id="a")
+    with pytest.raises(InvalidArgumentError) as caught:
+        pay(agent_id="a", amount=1)  # type: ignore[call-arg]
+    assert "amount" in str(caught.value)
+    assert spend_total(engine.state_store, "a") == 10

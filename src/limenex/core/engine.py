@@ -182,7 +182,7 @@ class PolicyEngine:
             if type(outcome) is StateBreach:
                 decision = state_decision(plan, outcome)
             else:
-                reservation = cast(Reservation, outcome)
+                reservation = outcome  # type: ignore[assignment]  # a Reservation: no cast() call
         if plan.semantic:
             try:
                 decision = await self._judge(plan, decision)
@@ -206,10 +206,13 @@ class PolicyEngine:
             await self._acommit(reservation)
             raise
         if reservation is not None:
-            if direct:
-                self._settle(self.state_store.commit, reservation)
-            else:
+            if not direct:
                 await self._acommit(reservation)
+            else:
+                try:
+                    self.state_store.commit(reservation)
+                except Exception:
+                    log.exception("limenex: commit of %s failed; it stays counted", reservation)
         if self.audit_logger is not None:
             self._after_action(plan, "executed")
         return result
@@ -273,19 +276,7 @@ class PolicyEngine:
                 )
             self._check_signature(skill_id, fn, signature)
 
-            def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-                try:
-                    bound = signature.bind(*args, **kwargs)
-                except TypeError as exc:
-                    raise InvalidArgumentError(
-                        f"{skill_id}: {exc}", argument=_argument_in(str(exc))
-                    ) from None
-                bound.apply_defaults()
-                params = dict(bound.arguments)
-                for name, parameter in signature.parameters.items():
-                    if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                        params.update(params.pop(name))
-                return params[agent_id_param], params
+            bind = _binder(skill_id, signature, agent_id_param)
 
             if inspect.iscoroutinefunction(fn):
 
@@ -539,6 +530,41 @@ def _failure_decision(skill_id: str, agent_id: str, what: str, exc: BaseExceptio
         f"{skill_id}: blocked because {what} failed ({type(exc).__name__}: {exc}).",
         fail_closed=True,
     )
+
+
+def _binder(
+    skill_id: str, signature: inspect.Signature, agent_id_param: str
+) -> Callable[[tuple[Any, ...], dict[str, Any]], tuple[Any, dict[str, Any]]]:
+    """``(args, kwargs) -> (agent_id, params)`` for calls of a governed function.
+
+    Keyword-only calls (how agents call tools) take a fast path; anything else goes through
+    ``Signature.bind``, whose errors become :class:`InvalidArgumentError`.
+    """
+    parameters = signature.parameters.values()
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    simple = all(p.kind in plain for p in parameters)
+    names = frozenset(p.name for p in parameters)
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    required = names - defaults.keys()
+    var_keyword = [p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if simple and not args and required <= kwargs.keys() <= names:
+            params = {**defaults, **kwargs} if defaults else kwargs
+            return params[agent_id_param], params
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArgumentError(
+                f"{skill_id}: {exc}", argument=_argument_in(str(exc))
+            ) from None
+        bound.apply_defaults()
+        params = dict(bound.arguments)
+        for name in var_keyword:
+            params.update(params.pop(name))
+        return params[agent_id_param], params
+
+    return bind
 
 
 def _parse(answer: object) -> tuple[Verdict, str]:

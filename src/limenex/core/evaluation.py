@@ -86,6 +86,7 @@ class _Set:
 
 class _Stateful:
     __slots__ = (
+        "agent_scoped",
         "dimension",
         "index",
         "limit",
@@ -106,6 +107,7 @@ class _Stateful:
         self.op = policy.operator
         self.limit = _required_value(policy)
         self.scope = policy.scope
+        self.agent_scoped = policy.scope == ("agent",)
         self.scope_name = "+".join(policy.scope)
         self.window: Window | None = policy.window
         self.window_spec = "" if policy.window is None else policy.window.spec
@@ -315,10 +317,11 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
             raise InvalidArgumentError(
                 f"argument {name!r} is missing (a policy reads it)", argument=name
             ) from None
-        if kind is _AMOUNT:
-            amounts[name] = to_decimal(name, value)
-        elif kind is _CUMULATIVE_AMOUNT:
-            amounts[name] = to_decimal(name, value, allow_negative=False)
+        if kind is _AMOUNT or kind is _CUMULATIVE_AMOUNT:
+            if type(value) is float and _isfinite(value) and (value >= 0 or kind is _AMOUNT):
+                amounts[name] = Decimal(repr(value))  # the common case, inline
+            else:
+                amounts[name] = to_decimal(name, value, allow_negative=kind is _AMOUNT)
         elif kind is _TEXT:
             _require_text(name, value)
         else:
@@ -330,10 +333,8 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
     for step in skill.steps:
         if type(step) is _Stateful:
             amount = _ONE if step.param is None else amounts[step.param]
-            key = _new(
-                CounterKey,
-                (step.dimension, step.scope_name, step.subject(agent_id, params), step.window_spec),
-            )
+            subject = agent_id if step.agent_scoped else step.subject(agent_id, params)
+            key = _new(CounterKey, (step.dimension, step.scope_name, subject, step.window_spec))
             checks.append(_new(Check, (step.index, key, step.window, amount, step.op, step.limit)))
         elif type(step) is _PerCall:
             value = amounts[step.param]  # type: ignore[index]
