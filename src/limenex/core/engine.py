@@ -335,9 +335,9 @@ class PolicyEngine:
 
     def _plan(self, skill_id: str, agent_id: object, params: Mapping[str, Any]) -> Plan:
         try:
-            checked_agent = check_agent_id(agent_id)
-            skill = self.skill(skill_id)
-            return plan_call(skill, checked_agent, params)
+            if type(agent_id) is not str or not agent_id:
+                check_agent_id(agent_id)  # raises, naming the argument
+            return plan_call(self.skill(skill_id), agent_id, params)  # type: ignore[arg-type]
         except InvalidArgumentError as exc:
             if exc.decision is None:
                 exc.decision = Decision(
