@@ -37,9 +37,9 @@ from limenex.core.errors import (
     BlockedError,
     EscalationRequired,
     EvaluatorError,
+    GovernanceSignal,
     InvalidArgumentError,
     LimenexConfigError,
-    LimenexError,
     UnregisteredSkillError,
 )
 from limenex.core.evaluation import (
@@ -206,13 +206,10 @@ class PolicyEngine:
             await self._acommit(reservation)
             raise
         if reservation is not None:
-            if not direct:
-                await self._acommit(reservation)
+            if direct:
+                self._settle(self.state_store.commit, reservation)
             else:
-                try:
-                    self.state_store.commit(reservation)
-                except Exception:
-                    log.exception("limenex: commit of %s failed; it stays counted", reservation)
+                await self._acommit(reservation)
         if self.audit_logger is not None:
             self._after_action(plan, "executed")
         return result
@@ -315,7 +312,7 @@ class PolicyEngine:
         """The compiled policies of ``skill_id``; refuses a skill without an entry."""
         try:
             source = self.policy_store.get(skill_id)
-        except LimenexError:
+        except (LimenexConfigError, GovernanceSignal):
             raise
         except Exception as exc:
             raise BlockedError(_failure_decision(skill_id, "", "the policy store", exc)) from exc
@@ -347,7 +344,7 @@ class PolicyEngine:
                     f"{skill_id}: refused before evaluation: {exc}.",
                 )
             raise
-        except LimenexError:
+        except (LimenexConfigError, GovernanceSignal):
             raise
         except Exception as exc:  # a bug must not become an ALLOW
             raise BlockedError(
@@ -362,8 +359,8 @@ class PolicyEngine:
             return
         try:
             skill = self.skill(skill_id)
-        except UnregisteredSkillError:
-            return  # refused at call time; the policy file may gain the skill later
+        except (UnregisteredSkillError, BlockedError):
+            return  # refused at call time (the policy file may gain the skill later)
         missing = sorted(skill.referenced_params() - set(signature.parameters))
         if missing:
             raise LimenexConfigError(
@@ -397,9 +394,9 @@ class PolicyEngine:
         evaluator = self.llm_evaluator
         if evaluator is None:
             return "no llm_evaluator is configured, so the rule cannot be checked"
-        intent = Intent(plan.skill.skill_id, plan.agent_id, plan.params)
         timeout = self.semantic_timeout
         try:
+            intent = Intent(plan.skill.skill_id, plan.agent_id, plan.params)
             async with asyncio.timeout(timeout):
                 if _is_async_callable(evaluator):
                     answer = evaluator(intent, rule)
@@ -447,26 +444,22 @@ class PolicyEngine:
             self._settle(self.state_store.release, outcome)
 
     async def _arelease(self, reservation: Reservation | None) -> None:
-        if reservation is None:
-            return
-        if self._store_is_direct:
-            self._settle(self.state_store.release, reservation)
-            return
-        try:
-            await self.state_store.arelease(reservation)
-        except Exception:
-            log.exception("limenex: release of %s failed; the amount stays counted", reservation)
+        await self._asettle(reservation, release=True)
 
     async def _acommit(self, reservation: Reservation | None) -> None:
+        await self._asettle(reservation, release=False)
+
+    async def _asettle(self, reservation: Reservation | None, *, release: bool) -> None:
         if reservation is None:
             return
+        store = self.state_store
         if self._store_is_direct:
-            self._settle(self.state_store.commit, reservation)
+            self._settle(store.release if release else store.commit, reservation)
             return
         try:
-            await self.state_store.acommit(reservation)
+            await (store.arelease(reservation) if release else store.acommit(reservation))
         except Exception:
-            log.exception("limenex: commit of %s failed; it stays counted as spent", reservation)
+            log.exception("limenex: settling %s failed; the amount stays counted", reservation)
 
     @staticmethod
     def _settle(operation: Callable[[Reservation], None], reservation: Reservation | None) -> None:
