@@ -101,12 +101,15 @@ def test_any_internal_failure_ends_in_block_and_runs_nothing(
     async def spend_async(agent_id: str, service: str, amount_usd: float) -> None:
         ran.append(amount_usd)
 
+    def call() -> None:
+        if sync:
+            spend_sync(agent_id="a", service="x", amount_usd=10.0)
+        else:
+            asyncio.run(spend_async(agent_id="a", service="x", amount_usd=10.0))
+
     try:
         with pytest.raises(BlockedError) as caught:
-            if sync:
-                spend_sync(agent_id="a", service="x", amount_usd=10.0)
-            else:
-                asyncio.run(spend_async(agent_id="a", service="x", amount_usd=10.0))
+            call()
     finally:
         engine.close()
 
