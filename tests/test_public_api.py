@@ -42,3 +42,16 @@ def test_store_urls_choose_backends_and_unknown_schemes_list_known_ones(tmp_path
     assert isinstance(from_url(f"file://{tmp_path}/s.json"), LocalFileStateStore)
     with pytest.raises(LimenexConfigError, match="known schemes: memory://, file://"):
         from_url("mongodb://x")
+
+
+def test_version_matches_the_installed_metadata_and_the_cli() -> None:
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from limenex.cli import main
+
+    assert limenex.__version__ == version("limenex")
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert limenex.__version__ in result.output

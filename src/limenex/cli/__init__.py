@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="limenex", prog_name="limenex")
 def main() -> None:
     """Limenex: deterministic, stateful governance for AI agents' actions."""
 
