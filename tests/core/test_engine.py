@@ -767,3 +767,202 @@ def test_governed_binds_positional_keyword_and_default_arguments_alike(
         pay(agent_id="a", amount=1)  # type: ignore[call-arg]
     assert "amount" in str(caught.value)
     assert spend_total(engine.state_store, "a") == 10
+
+
+# --- found in review: each of these once let something through ---------------------------
+
+
+class SneakyFloat(float):
+    def __float__(self) -> float:
+        return 1.0
+
+
+class SneakyInt(int):
+    def __int__(self) -> int:
+        return 1
+
+
+class SneakyDecimal(Decimal):
+    def __lt__(self, other: object) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    "amount", [SneakyFloat(1000), SneakyInt(1000), SneakyDecimal(-1000)], ids=type
+)
+async def test_number_subclasses_are_refused_so_the_checked_value_is_the_spent_value(
+    make_engine: MakeEngine, amount: Any
+) -> None:
+    engine = make_engine(SPEND_LT_50)
+    ledger = Ledger()
+    with pytest.raises(InvalidArgumentError, match="subclass") as caught:
+        await make_spend(engine, {"o": ledger.pay})(agent_id="a", service="o", amount_usd=amount)
+    assert caught.value.argument == "amount_usd"
+    assert ledger.paid == []
+    assert recorded(engine.state_store) == {}
+
+
+@pytest.mark.parametrize(
+    ("amount", "fragment"),
+    [
+        (1e300, "too large"),
+        (10**400, "too large"),
+        (Decimal("1E+30"), "too large"),
+        (5e-324, "decimal places"),
+        (Decimal("1E-19"), "decimal places"),
+        (Decimal("0.1000000000000000001"), "decimal places"),
+    ],
+)
+async def test_amounts_that_could_poison_an_exact_total_are_refused(
+    make_engine: MakeEngine, amount: Any, fragment: str
+) -> None:
+    engine = make_engine(SPEND_LT_50)
+    with pytest.raises(InvalidArgumentError, match=fragment):
+        await make_spend(engine, {"o": Ledger().pay})(agent_id="a", service="o", amount_usd=amount)
+    assert recorded(engine.state_store) == {}
+
+
+async def test_trailing_zeros_and_large_budgets_are_fine(make_engine: MakeEngine) -> None:
+    engine = make_engine(SPEND_LT_50.replace("value: 50", "value: 100000000000000000000000000000"))
+    ledger = Ledger()
+    spend = make_spend(engine, {"o": ledger.pay})
+    await spend(agent_id="a", service="o", amount_usd=Decimal("1.000000000000000000000000"))
+    await spend(agent_id="a", service="o", amount_usd=10**28)
+    assert spend_total(engine.state_store, "a") == 10**28 + 1
+
+
+STATEFUL_BLOCK_THEN_STATELESS_ESCALATE = """
+finance.spend:
+  policies:
+    - type: deterministic
+      dimension: spend_usd
+      param: amount_usd
+      operator: lte
+      value: 100
+      breach_verdict: BLOCK
+    - type: semantic
+      rule: "Escalate anything odd."
+      breach_verdict: ESCALATE
+    - type: deterministic
+      dimension: single_spend_usd
+      param: amount_usd
+      operator: lte
+      value: 50
+      stateful: false
+      breach_verdict: ESCALATE
+"""
+
+
+async def test_earlier_stateful_breach_wins_over_later_stateless_breach(
+    make_engine: MakeEngine,
+) -> None:
+    """A hard BLOCK must not turn into an ESCALATE a human could approve."""
+    evaluator = ScriptedEvaluator(lambda intent, rule: "ALLOW")
+    engine = make_engine(STATEFUL_BLOCK_THEN_STATELESS_ESCALATE, llm_evaluator=evaluator)
+    spend = make_spend(engine, {"o": Ledger().pay})
+    await spend(agent_id="a", service="o", amount_usd=50)
+    await spend(agent_id="a", service="o", amount_usd=50)
+    asked = len(evaluator.calls)
+
+    with pytest.raises(BlockedError) as caught:
+        await spend(agent_id="a", service="o", amount_usd=60)
+    dry = await engine.evaluate("finance.spend", "a", {"service": "o", "amount_usd": 60})
+
+    @engine.governed("finance.spend")
+    def spend_sync(agent_id: str, service: str, amount_usd: float) -> None: ...
+
+    with pytest.raises(BlockedError) as caught_sync:
+        spend_sync(agent_id="a", service="o", amount_usd=60)
+    assert caught.value.decision.policy_index == 0
+    assert caught_sync.value.decision.policy_index == 0
+    assert dry.verdict is Verdict.BLOCK
+    assert dry.policy_index == 0
+    assert len(evaluator.calls) == asked  # policy 1 decided: the model was never asked
+    assert spend_total(engine.state_store, "a") == 100
+
+
+async def test_later_stateless_breach_decides_when_earlier_stateful_policy_holds(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine(
+        STATEFUL_BLOCK_THEN_STATELESS_ESCALATE, llm_evaluator=lambda intent, rule: "ALLOW"
+    )
+    with pytest.raises(EscalationRequired) as caught:
+        await make_spend(engine, {"o": Ledger().pay})(agent_id="a", service="o", amount_usd=60)
+    assert caught.value.decision.policy_index == 2
+    assert recorded(engine.state_store) == {}
+
+
+async def test_total_that_cannot_stay_exact_blocks_both_dry_run_and_call(
+    make_engine: MakeEngine, clock: FrozenClock
+) -> None:
+    engine = make_engine(SPEND_LT_50.replace("value: 50", "value: 100000000000000000000000000000"))
+    key = CounterKey("spend_usd", "agent", "a", "")
+    engine.state_store.adjust(key, Decimal("1E+95"), clock.now())  # an operator's mistake
+    dry = await engine.evaluate("finance.spend", "a", {"service": "o", "amount_usd": 0.5})
+    assert dry.verdict is Verdict.BLOCK
+    assert dry.fail_closed
+    ledger = Ledger()
+    with pytest.raises(BlockedError):
+        await make_spend(engine, {"o": ledger.pay})(agent_id="a", service="o", amount_usd=0.5)
+    assert ledger.paid == []
+
+
+class AsyncCallable:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, agent_id: str, amount_usd: float) -> None:
+        self.calls += 1
+        raise RuntimeError("provider down")
+
+
+async def test_async_callable_object_is_governed_as_async_and_released_on_failure(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine(SPEND_LT_50.replace("finance.spend", "billing.pay"))
+    pay = engine.governed("billing.pay")(AsyncCallable())
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="provider down"):
+            await pay(agent_id="a", amount_usd=30)
+    assert recorded(engine.state_store) == {}
+
+
+def test_sync_path_refuses_an_executor_that_returns_a_coroutine(make_engine: MakeEngine) -> None:
+    from limenex.skills.filesystem import make_write
+
+    ran: list[str] = []
+
+    async def remote_write(*, filepath: str, content: str) -> None:
+        ran.append(filepath)
+
+    engine = make_engine(
+        """
+        filesystem.write:
+          policies:
+            - type: deterministic
+              dimension: writes
+              operator: lte
+              value: 1
+              breach_verdict: BLOCK
+        """
+    )
+    write = make_write(engine, executor=remote_write)
+    with pytest.raises(LimenexConfigError, match="awaitable"):
+        write(agent_id="a", filepath="/tmp/x", content="y")
+    assert ran == []
+    assert recorded(engine.state_store) == {}
+
+
+async def test_evaluator_that_swallows_its_timeout_still_breaches(make_engine: MakeEngine) -> None:
+    async def stubborn(intent: str, rule: str) -> str:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return "ALLOW"
+        return "ALLOW"
+
+    engine = make_engine(SEMANTIC, llm_evaluator=stubborn, semantic_timeout=0.05)
+    decision = await engine.evaluate("comms.send", "a", {"recipient": "b", "text": "t"})
+    assert decision.verdict is Verdict.ESCALATE
+    assert "did not answer within" in decision.reason

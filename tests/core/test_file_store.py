@@ -81,7 +81,7 @@ def test_a_new_instance_reads_back_every_kind_of_state(path: Path) -> None:
     assert reopened.pending(T0 + 2) == store.pending(T0 + 2)
     assert [p.id for p in reopened.pending(T0 + 2)] == [pending.id]
     assert dict(reopened.totals(T0 + 2))[checks[1].key] == Decimal("3.75")
-    reopened.release(pending)  # a reservation made by another instance
+    reopened.release(pending, T0 + 2)  # a reservation made by another instance
     assert dict(store.totals(T0 + 2))[checks[1].key] == Decimal("2.5")
     assert store.pending(T0 + 2) == []
 
@@ -248,6 +248,36 @@ async def test_async_calls_run_off_the_event_loop_thread(
     assert isinstance(await store.areserve([spend("1")], T0), Reservation)
     assert threads
     assert threads[0] != threading.get_ident()
+
+
+def test_a_release_after_expiry_removes_the_pending_record_from_the_file(path: Path) -> None:
+    store = LocalFileStateStore(path, lease_seconds=60)
+    reservation = store.reserve([spend("5")], T0)
+    assert isinstance(reservation, Reservation)
+    store.release(reservation, T0 + 60)
+    assert json.loads(path.read_text()) == {"spend_usd": {"agent-1": 5}}  # counted, not pending
+    assert LocalFileStateStore(path).pending(T0) == []
+
+
+def test_a_relative_path_keeps_naming_the_same_file_after_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    (second / ".limenex").mkdir(parents=True)
+    other_state = second / ".limenex" / "state.json"
+    other_state.write_bytes(b'{"spend_usd": {"agent-2": 1}}\n')
+    first.mkdir()
+    monkeypatch.chdir(first)
+    store = LocalFileStateStore(".limenex/state.json")
+    commit(store, spend("30"))
+    monkeypatch.chdir(second)
+    assert isinstance(store.reserve([spend("30")], T0), StateBreach)  # 60 < 50 fails
+    assert store.peek([spend("0")], T0) == (Decimal(30),)
+    assert other_state.read_bytes() == b'{"spend_usd": {"agent-2": 1}}\n'
+    assert sorted(os.listdir(other_state.parent)) == ["state.json"]
+    assert json.loads((first / ".limenex" / "state.json").read_text()) == {
+        "spend_usd": {"agent-1": 30}
+    }
 
 
 # --- across processes ------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def reserved(store: StateStore, checks: list[Check], now: float = T0) -> Reserva
     return outcome
 
 
+def settled(store: StateStore, how: str, reservation: Reservation, now: float = T0) -> None:
+    """``commit`` or ``release`` the reservation (a release at ``now``)."""
+    if how == "commit":
+        store.commit(reservation)
+    else:
+        store.release(reservation, now)
+
+
 # --- reserve ---------------------------------------------------------------------------------
 
 
@@ -149,7 +157,7 @@ def test_release_undoes_exactly_that_reservation(store: StateStore) -> None:
     spend = check("30")
     kept = reserved(store, [spend])
     undone = reserved(store, [check("12.5"), check("1", dimension="calls")])
-    store.release(undone)
+    store.release(undone, T0)
     assert total(store, spend) == Decimal(30)
     assert total(store, check(dimension="calls")) == 0
     assert [p.id for p in store.pending(T0)] == [kept.id]
@@ -164,9 +172,9 @@ def test_settling_twice_changes_nothing_the_second_time(
     spend = check("30")
     store.commit(reserved(store, [spend]))
     reservation = reserved(store, [spend])
-    getattr(store, settle[0])(reservation)
+    settled(store, settle[0], reservation)
     after_first = total(store, spend)
-    getattr(store, settle[1])(reservation)
+    settled(store, settle[1], reservation)
     assert total(store, spend) == after_first
     assert store.pending(T0) == []
 
@@ -177,8 +185,31 @@ def test_release_after_the_lease_expired_leaves_the_amount_counted(make_store: M
     reservation = reserved(store, [spend])
     assert store.pending(T0 + 59.9) != []
     assert store.pending(T0 + 60) == []  # expired: dropped, still counted
-    store.release(reservation)
+    store.release(reservation, T0 + 60)
     assert total(store, spend) == Decimal(30)
+
+
+@pytest.mark.parametrize("reserve_in_between", [False, True], ids=["alone", "after-a-reserve"])
+@pytest.mark.parametrize("window", ["", "1h", "day"])
+def test_a_release_at_or_after_expiry_is_ignored_whatever_ran_in_between(
+    store: StateStore, window: str, reserve_in_between: bool
+) -> None:
+    """Whether some other call expired the hold first must not decide the total."""
+    assert store.lease_seconds == 300.0
+    spend = check("30", window=window)
+    late = reserved(store, [spend], T0)
+    if reserve_in_between:
+        reserved(store, [check("1", dimension="calls")], T0 + 500)
+    store.release(late, T0 + 1000)
+    assert total(store, spend, T0 + 1000) == Decimal(30)
+    assert store.pending(T0 + 1000) == []
+
+
+def test_a_release_just_before_expiry_still_undoes(store: StateStore) -> None:
+    spend = check("30")
+    reservation = reserved(store, [spend], T0)
+    store.release(reservation, T0 + store.lease_seconds - 0.001)
+    assert total(store, spend) == 0
 
 
 def test_a_reserve_drops_expired_pending_records_but_keeps_their_amounts(
@@ -189,7 +220,7 @@ def test_a_reserve_drops_expired_pending_records_but_keeps_their_amounts(
     orphan = reserved(store, [spend])
     later = reserved(store, [spend], T0 + 61)
     assert [p.id for p in store.pending(T0 + 61)] == [later.id]
-    store.release(orphan)
+    store.release(orphan, T0 + 61)
     assert total(store, spend, T0 + 61) == Decimal(60)
 
 
@@ -198,7 +229,7 @@ def test_a_reservation_from_another_store_changes_nothing(make_store: MakeStore)
     mine, other = make_store(), make_store()
     kept = reserved(mine, [spend])
     foreign = reserved(other, [spend])  # may carry the same id as ``kept``
-    mine.release(foreign)
+    mine.release(foreign, T0)
     mine.commit(foreign)
     assert total(mine, spend) == Decimal(30)
     assert [p.id for p in mine.pending(T0)] == [kept.id]
@@ -236,7 +267,7 @@ def test_rolling_release_removes_exactly_its_entry(store: StateStore) -> None:
     spend = check("5", window="10s")
     first = reserved(store, [spend], 100.0)
     reserved(store, [spend], 104.0)
-    store.release(first)
+    store.release(first, 104.0)
     assert total(store, spend, 104.0) == Decimal(5)
     assert total(store, spend, 113.999) == Decimal(5)
     assert total(store, spend, 114.0) == 0
@@ -295,7 +326,7 @@ def test_calendar_release_undoes_only_in_the_period_it_was_made(store: StateStor
     spend = check("7", window="day")
     yesterday = reserved(store, [spend], at(2026, 3, 10, 23))
     reserved(store, [spend], at(2026, 3, 11, 1))
-    store.release(yesterday)
+    store.release(yesterday, at(2026, 3, 11, 1))
     assert total(store, spend, at(2026, 3, 11, 2)) == Decimal(7)
 
 
@@ -362,12 +393,73 @@ def test_adjust_adds_and_refunds_never_below_zero(store: StateStore, window: str
 
 def test_a_rolling_refund_consumes_the_oldest_entries_first(store: StateStore) -> None:
     spend = check("4", window="10s")
-    reserved(store, [spend], 100.0)
-    reserved(store, [spend], 105.0)
+    store.commit(reserved(store, [spend], 100.0))
+    store.commit(reserved(store, [spend], 105.0))
     assert store.adjust(spend.key, Decimal(-5), 106.0, spend.window) == Decimal(3)
     assert total(store, spend, 109.999) == Decimal(3)  # 4 - 4 at 100, 4 - 1 at 105
     assert total(store, spend, 110.0) == Decimal(3)
     assert total(store, spend, 115.0) == 0
+
+
+@pytest.mark.parametrize("window", ["", "10s", "day"])
+def test_a_refund_cannot_let_a_later_release_erase_another_reservations_spend(
+    store: StateStore, window: str
+) -> None:
+    spend = check("40", window=window)
+    pending = reserved(store, [spend])
+    # The refund cannot take the pending 40: its release will do that.
+    assert store.adjust(spend.key, Decimal(-40), T0, spend.window) == Decimal(40)
+    store.commit(reserved(store, [spend]))
+    store.release(pending, T0)
+    assert total(store, spend) == Decimal(40)  # the committed reservation's spend
+    assert store.adjust(spend.key, Decimal(-40), T0, spend.window) == 0  # nothing pending now
+
+
+@pytest.mark.parametrize("window", ["", "10s", "day"])
+def test_a_refund_is_clamped_to_the_pending_amounts_not_blocked_by_them(
+    store: StateStore, window: str
+) -> None:
+    spend = check("10", window=window)
+    store.commit(reserved(store, [spend]))
+    pending = reserved(store, [check("25", window=window)])
+    assert store.adjust(spend.key, Decimal(-30), T0, spend.window) == Decimal(25)
+    store.release(pending, T0)
+    assert total(store, spend) == 0
+
+
+def test_a_rolling_refund_leaves_pending_entries_for_their_release(store: StateStore) -> None:
+    spend = check("4", window="10s")
+    pending = reserved(store, [spend], 100.0)
+    store.commit(reserved(store, [spend], 105.0))
+    assert store.adjust(spend.key, Decimal(-4), 106.0, spend.window) == Decimal(4)
+    store.release(pending, 107.0)
+    assert total(store, spend, 107.0) == 0
+
+
+def test_a_refund_ignores_pending_amounts_of_an_earlier_calendar_period(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(lease_seconds=7200.0)
+    spend = check("40", window="day")
+    yesterday = reserved(store, [spend], at(2026, 3, 10, 23, 30))
+    store.commit(reserved(store, [spend], at(2026, 3, 11, 0, 10)))
+    assert store.adjust(spend.key, Decimal(-40), at(2026, 3, 11, 0, 20), spend.window) == 0
+    store.release(yesterday, at(2026, 3, 11, 0, 30))
+    assert total(store, spend, at(2026, 3, 11, 0, 40)) == 0
+
+
+@pytest.mark.parametrize("window", ["", "1h", "day"])
+def test_a_refund_can_take_the_amount_of_an_expired_reservation(
+    store: StateStore, window: str
+) -> None:
+    """An expired reservation cannot be released any more: its amount is the operator's."""
+    spend = check("40", window=window)
+    orphan = reserved(store, [spend], T0)
+    now = T0 + store.lease_seconds
+    assert store.adjust(spend.key, Decimal(-40), now, spend.window) == 0
+    store.release(orphan, now)
+    assert total(store, spend, now) == 0
+    assert store.pending(now) == []
 
 
 def test_peek_changes_nothing(store: StateStore) -> None:
@@ -395,7 +487,7 @@ def test_release_after_a_reset_cannot_take_a_later_amount(store: StateStore) -> 
     before_reset = reserved(store, [spend])
     store.reset("spend_usd")
     store.commit(reserved(store, [spend]))
-    store.release(before_reset)
+    store.release(before_reset, T0)
     assert total(store, spend) == Decimal(30)
 
 
@@ -410,7 +502,7 @@ async def test_async_methods_behave_like_the_sync_ones(store: StateStore) -> Non
     assert isinstance(await store.areserve([spend], T0), StateBreach)
     second = await store.areserve([check("15", "lt", "50")], T0)
     assert isinstance(second, Reservation)
-    await store.arelease(second)
+    await store.arelease(second, T0)
     assert await store.apeek([spend], T0) == (Decimal(30),)
 
 
@@ -484,7 +576,7 @@ def test_total_is_the_sum_of_unreleased_reservations_and_never_passes_the_limit(
                 ever_reserved = True
         elif open_:
             reservation, amount = open_.pop(int(str(value)) % len(open_))
-            getattr(store, action)(reservation)
+            settled(store, action, reservation)
             if action == "release":
                 expected -= amount
         observed = total(store, check())

@@ -28,6 +28,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from decimal import Decimal
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -136,30 +137,26 @@ class PolicyEngine:
     async def evaluate(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
         """The verdict this call would get now. Changes no state and runs no executor."""
         plan = self._plan(skill_id, agent_id, params)
-        if plan.breach is None and plan.checks:
+        decision = plan.breach
+        if plan.checks:
             try:
                 totals = await self.state_store.apeek(plan.checks, self.clock.now())
             except Exception as exc:
                 return self._failure(skill_id, agent_id, "the state store", exc)
-            breach = first_state_breach(plan.checks, totals)
-            decision = None if breach is None else state_decision(plan, breach)
-        else:
-            decision = plan.breach
+            decision = self._decide_by_totals(plan, totals)
         decision = await self._judge(plan, decision)
         return decision or allow_decision(plan)
 
     def evaluate_sync(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
         """:meth:`evaluate` for synchronous code (safe inside a running event loop)."""
         plan = self._plan(skill_id, agent_id, params)
-        if plan.breach is None and plan.checks:
+        decision = plan.breach
+        if plan.checks:
             try:
                 totals = self.state_store.peek(plan.checks, self.clock.now())
             except Exception as exc:
                 return self._failure(skill_id, agent_id, "the state store", exc)
-            breach = first_state_breach(plan.checks, totals)
-            decision = None if breach is None else state_decision(plan, breach)
-        else:
-            decision = plan.breach
+            decision = self._decide_by_totals(plan, totals)
         decision = self._judge_sync(plan, decision)
         return decision or allow_decision(plan)
 
@@ -169,17 +166,27 @@ class PolicyEngine:
         """Govern one call: decide, and on ALLOW run ``action()`` and settle the state."""
         plan = self._plan(skill_id, agent_id, params)
         direct = self._store_is_direct  # sync-only stores are called inline: no extra await
+        store = self.state_store
         reservation: Reservation | None = None
         decision = plan.breach
-        if decision is None and plan.checks:
+        if plan.checks:
             try:
-                if direct:
-                    outcome = self.state_store.reserve(plan.checks, self.clock.now())
+                if decision is not None:  # refused already; an earlier stateful policy may decide
+                    totals = (
+                        store.peek(plan.checks, self.clock.now())
+                        if direct
+                        else (await store.apeek(plan.checks, self.clock.now()))
+                    )
+                    outcome: Reservation | StateBreach | None = None
+                elif direct:
+                    outcome = store.reserve(plan.checks, self.clock.now())
                 else:
                     outcome = await self._areserve(plan)
             except Exception as exc:
                 raise self._fail(plan, "the state store", exc) from exc
-            if type(outcome) is StateBreach:
+            if outcome is None:
+                decision = self._decide_by_totals(plan, totals)
+            elif type(outcome) is StateBreach:
                 decision = state_decision(plan, outcome)
             else:
                 reservation = outcome  # type: ignore[assignment]  # a Reservation: no cast() call
@@ -187,10 +194,10 @@ class PolicyEngine:
             try:
                 decision = await self._judge(plan, decision)
             except BaseException:
-                await self._arelease(reservation)
+                await self._asettle(reservation, release=True)
                 raise
         if decision is not None:
-            await self._arelease(reservation)
+            await self._asettle(reservation, release=True)
             self._refuse(plan, decision)
         if self.audit_logger is not None:
             self._before_action(plan, reservation)
@@ -199,17 +206,17 @@ class PolicyEngine:
             if type(result) is CoroutineType or inspect.isawaitable(result):
                 result = await result
         except Exception:
-            await self._arelease(reservation)
+            await self._asettle(reservation, release=True)
             self._after_action(plan, "failed")
             raise
         except BaseException:
-            await self._acommit(reservation)
+            await self._asettle(reservation, release=False)
             raise
         if reservation is not None:
             if direct:
-                self._settle(self.state_store.commit, reservation)
+                self._settle(reservation, release=False)
             else:
-                await self._acommit(reservation)
+                await self._asettle(reservation, release=False)
         if self.audit_logger is not None:
             self._after_action(plan, "executed")
         return result
@@ -217,41 +224,58 @@ class PolicyEngine:
     def execute_sync(
         self, skill_id: str, agent_id: str, params: Mapping[str, Any], action: Action
     ) -> Any:
-        """:meth:`execute` for synchronous code; safe from many threads and inside a loop."""
+        """:meth:`execute` for synchronous code; safe from many threads and inside a loop.
+
+        The action must not return an awaitable: a coroutine cannot be run to completion
+        here, so the call is refused (and the coroutine closed) rather than counted as done.
+        """
         plan = self._plan(skill_id, agent_id, params)
         store = self.state_store
         reservation: Reservation | None = None
         decision = plan.breach
-        if decision is None and plan.checks:
+        if plan.checks:
             try:
-                outcome = store.reserve(plan.checks, self.clock.now())
+                if decision is not None:  # refused already; an earlier stateful policy may decide
+                    decision = self._decide_by_totals(
+                        plan, store.peek(plan.checks, self.clock.now())
+                    )
+                else:
+                    outcome = store.reserve(plan.checks, self.clock.now())
+                    if type(outcome) is StateBreach:
+                        decision = state_decision(plan, outcome)
+                    else:
+                        reservation = outcome  # type: ignore[assignment]
             except Exception as exc:
                 raise self._fail(plan, "the state store", exc) from exc
-            if type(outcome) is StateBreach:
-                decision = state_decision(plan, outcome)
-            else:
-                reservation = cast(Reservation, outcome)
         if plan.semantic:
             try:
                 decision = self._judge_sync(plan, decision)
             except BaseException:
-                self._settle(store.release, reservation)
+                self._settle(reservation, release=True)
                 raise
         if decision is not None:
-            self._settle(store.release, reservation)
+            self._settle(reservation, release=True)
             self._refuse(plan, decision)
         if self.audit_logger is not None:
             self._before_action(plan, reservation)
         try:
             result = action()
         except Exception:
-            self._settle(store.release, reservation)
+            self._settle(reservation, release=True)
             self._after_action(plan, "failed")
             raise
         except BaseException:
-            self._settle(store.commit, reservation)
+            self._settle(reservation, release=False)
             raise
-        self._settle(store.commit, reservation)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never started, so nothing happened
+            self._settle(reservation, release=True)
+            raise LimenexConfigError(
+                f"{skill_id}: the executor returned an awaitable on the synchronous path; "
+                "govern async executors with an async skill or an `async def` function"
+            )
+        self._settle(reservation, release=False)
         self._after_action(plan, "executed")
         return result
 
@@ -275,7 +299,7 @@ class PolicyEngine:
 
             bind = _binder(skill_id, signature, agent_id_param)
 
-            if inspect.iscoroutinefunction(fn):
+            if _is_async_callable(fn):
 
                 @functools.wraps(fn)
                 async def governed_async(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -370,8 +394,22 @@ class PolicyEngine:
 
     # --- semantic rules ---------------------------------------------------------------------
 
+    def _decide_by_totals(self, plan: Plan, totals: tuple[Decimal, ...]) -> Decision | None:
+        """The first breach among the planned checks given these totals, else the plan's own.
+
+        Checks are planned only before the first stateless breach, so a stateful breach found
+        here always comes first. Arithmetic trouble fails closed.
+        """
+        try:
+            breach = first_state_breach(plan.checks, totals)
+        except ArithmeticError as exc:
+            return self._failure(plan.skill.skill_id, plan.agent_id, "exact arithmetic", exc)
+        return plan.breach if breach is None else state_decision(plan, breach)
+
     async def _judge(self, plan: Plan, decision: Decision | None) -> Decision | None:
         """Ask the semantic rules that precede ``decision``'s policy, in order."""
+        if decision is not None and decision.policy_index is None:
+            return decision  # a fail-closed BLOCK: no model is asked
         limit = len(plan.skill.steps) if decision is None else decision.policy_index
         for step in plan.semantic:
             if limit is not None and step.index >= limit:
@@ -397,13 +435,15 @@ class PolicyEngine:
         timeout = self.semantic_timeout
         try:
             intent = Intent(plan.skill.skill_id, plan.agent_id, plan.params)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
                 if _is_async_callable(evaluator):
                     answer = evaluator(intent, rule)
                 else:
                     answer = await asyncio.to_thread(evaluator, intent, rule)
                 if inspect.isawaitable(answer):
                     answer = await answer
+            if deadline.expired():  # an evaluator that swallowed its cancellation
+                raise TimeoutError
             verdict, reason = _parse(answer)
         except TimeoutError:
             return f"the evaluator did not answer within {timeout:g} s"
@@ -441,33 +481,32 @@ class PolicyEngine:
             return
         outcome = task.result()
         if type(outcome) is Reservation:
-            self._settle(self.state_store.release, outcome)
-
-    async def _arelease(self, reservation: Reservation | None) -> None:
-        await self._asettle(reservation, release=True)
-
-    async def _acommit(self, reservation: Reservation | None) -> None:
-        await self._asettle(reservation, release=False)
+            self._settle(outcome, release=True)
 
     async def _asettle(self, reservation: Reservation | None, *, release: bool) -> None:
         if reservation is None:
             return
-        store = self.state_store
         if self._store_is_direct:
-            self._settle(store.release if release else store.commit, reservation)
+            self._settle(reservation, release=release)
             return
+        store = self.state_store
         try:
-            await (store.arelease(reservation) if release else store.acommit(reservation))
+            if release:
+                await store.arelease(reservation, self.clock.now())
+            else:
+                await store.acommit(reservation)
         except Exception:
             log.exception("limenex: settling %s failed; the amount stays counted", reservation)
 
-    @staticmethod
-    def _settle(operation: Callable[[Reservation], None], reservation: Reservation | None) -> None:
+    def _settle(self, reservation: Reservation | None, *, release: bool) -> None:
         """Commit or release; a failure leaves the amount counted (the safe side) and is logged."""
         if reservation is None:
             return
         try:
-            operation(reservation)
+            if release:
+                self.state_store.release(reservation, self.clock.now())
+            else:
+                self.state_store.commit(reservation)
         except Exception:
             log.exception("limenex: settling %s failed; the amount stays counted", reservation)
 
@@ -483,7 +522,7 @@ class PolicyEngine:
         try:
             self._audit("decision", allow_decision(plan), plan.params, fail_closed=True)
         except BlockedError:
-            self._settle(self.state_store.release, reservation)
+            self._settle(reservation, release=True)
             raise
 
     def _after_action(self, plan: Plan, event: str) -> None:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
 from limenex.core.decision import Decision, Verdict
@@ -214,34 +214,64 @@ def compile_skill(skill_id: str, source: SkillPolicies) -> CompiledSkill:
 # --- argument checks ---------------------------------------------------------------------
 
 
+MAX_DECIMAL_PLACES = 18
+"""An amount may have at most this many digits after the decimal point."""
+MAX_AMOUNT = Decimal(10) ** 30
+"""Amounts are refused from this magnitude on: totals stay exact far beyond any budget."""
+_QUANTUM = Decimal(1).scaleb(-MAX_DECIMAL_PLACES)
+_DROP_ZEROS = Context(prec=96, traps=[Inexact, InvalidOperation])  # rounding zeros away is fine
+
+
 def to_decimal(name: str, value: object, *, allow_negative: bool = True) -> Decimal:
     """Turn a numeric argument into an exact Decimal, or refuse it naming the argument.
 
-    ``int``, ``float`` and ``Decimal`` are accepted when finite; a float is read as the
-    shortest decimal that round-trips (``0.1`` is ``Decimal("0.1")``). ``bool``, strings
-    and everything else are refused.
+    Exactly ``int``, ``float`` and ``Decimal`` are accepted, finite, below
+    :data:`MAX_AMOUNT` and with at most :data:`MAX_DECIMAL_PLACES` decimal places; a float
+    is read as the shortest decimal that round-trips (``0.1`` is ``Decimal("0.1")``).
+    ``bool``, strings and subclasses of the number types are refused: a subclass could
+    report one value to the check and another to the executor.
     """
     kind = type(value)
-    if kind is float or (kind is not bool and isinstance(value, float)):
+    if kind is float:
         if not _isfinite(value):  # type: ignore[arg-type]
             raise InvalidArgumentError(
                 f"argument {name!r} must be a finite number, got {value!r}", argument=name
             )
-        number = Decimal(repr(value if kind is float else float(value)))  # type: ignore[arg-type]
-    elif kind is int or (kind is not bool and isinstance(value, int)):
-        number = Decimal(int(value))  # type: ignore[call-overload]
-    elif isinstance(value, Decimal):
-        if not value.is_finite():
+        number = Decimal(repr(value))
+    elif kind is int:
+        number = Decimal(value)  # type: ignore[arg-type]
+    elif kind is Decimal:
+        if not value.is_finite():  # type: ignore[attr-defined]
             raise InvalidArgumentError(
                 f"argument {name!r} must be a finite number, got {value!r}", argument=name
             )
-        number = value
+        number = value  # type: ignore[assignment]
+    elif kind is not bool and isinstance(value, int | float | Decimal):
+        base = next(t for t in (int, float, Decimal) if isinstance(value, t)).__name__
+        raise InvalidArgumentError(
+            f"argument {name!r} must be a plain {base}, got the subclass {kind.__name__}; "
+            f"convert it with {base}(...)",
+            argument=name,
+        )
     else:
         raise InvalidArgumentError(
             f"argument {name!r} must be a number (int, float or Decimal), "
-            f"got {type(value).__name__} {value!r}",
+            f"got {kind.__name__} {value!r}",
             argument=name,
         )
+    if number.copy_abs() >= MAX_AMOUNT:
+        raise InvalidArgumentError(
+            f"argument {name!r} is too large: {value!r} (amounts must stay below 1E+30)",
+            argument=name,
+        )
+    if number.as_tuple().exponent < -MAX_DECIMAL_PLACES:  # type: ignore[operator]
+        try:
+            number = number.quantize(_QUANTUM, context=_DROP_ZEROS)
+        except ArithmeticError:
+            raise InvalidArgumentError(
+                f"argument {name!r} has more than {MAX_DECIMAL_PLACES} decimal places: {value!r}",
+                argument=name,
+            ) from None
     if not allow_negative and number < 0:
         raise InvalidArgumentError(
             f"argument {name!r} must not be negative for a cumulative limit, got {value!r}; "
@@ -318,10 +348,14 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
                 f"argument {name!r} is missing (a policy reads it)", argument=name
             ) from None
         if kind is _AMOUNT or kind is _CUMULATIVE_AMOUNT:
-            if type(value) is float and _isfinite(value) and (value >= 0 or kind is _AMOUNT):
-                amounts[name] = Decimal(repr(value))  # the common case, inline
-            else:
-                amounts[name] = to_decimal(name, value, allow_negative=kind is _AMOUNT)
+            if type(value) is float and (value >= 0 or kind is _AMOUNT):
+                # The common case, inline: a float whose shortest repr has no exponent and
+                # at most 19 characters is finite, below 1E+17 and has <= 17 decimals.
+                text = repr(value)
+                if len(text) <= 19 and "e" not in text and "n" not in text:
+                    amounts[name] = Decimal(text)
+                    continue
+            amounts[name] = to_decimal(name, value, allow_negative=kind is _AMOUNT)
         elif kind is _TEXT:
             _require_text(name, value)
         else:

@@ -13,7 +13,9 @@ objects. :meth:`StateStore.reserve` then does, as **one atomic step** for all of
 A reservation counts as spent from the moment it is made. :meth:`StateStore.commit`
 makes that final; :meth:`StateStore.release` undoes exactly that one reservation (the
 executor failed). A reservation whose owner vanished stays counted: once its lease has
-expired it is simply dropped from the pending list, and a late release is ignored.
+expired it is simply dropped from the pending list, and a release at or after its expiry
+is ignored. ``adjust`` never takes a total below the amounts still pending on it, so a
+later release cannot undo someone else's spend.
 
 Totals are exact decimals. Arithmetic goes through :data:`EXACT`, whose traps turn any
 rounding into an error (and so into a BLOCK) instead of a silently wrong total.
@@ -168,8 +170,13 @@ class StateStore(ABC):
         """The action ran: make the reservation final."""
 
     @abstractmethod
-    def release(self, reservation: Reservation) -> None:
-        """The action failed: undo exactly this reservation (ignored once it expired)."""
+    def release(self, reservation: Reservation, now: float) -> None:
+        """The action failed: undo exactly this reservation.
+
+        Ignored when the reservation is no longer pending (settled, reset) or when its lease
+        has expired at ``now``: an expired reservation stays counted, whatever else happened
+        in between.
+        """
 
     @abstractmethod
     def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
@@ -205,8 +212,8 @@ class StateStore(ABC):
     async def acommit(self, reservation: Reservation) -> None:
         self.commit(reservation)
 
-    async def arelease(self, reservation: Reservation) -> None:
-        self.release(reservation)
+    async def arelease(self, reservation: Reservation, now: float) -> None:
+        self.release(reservation, now)
 
     async def apeek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
         return self.peek(checks, now)

@@ -9,6 +9,17 @@ stores add a lock around it, and the file store the persistence.
 a refund on a rolling window consumes its oldest entries first, so that it cannot surface as
 a negative total once the entries it offset have expired.
 
+Nor does a refund take a total below the amounts still pending on it (for a calendar window:
+those recorded in the current period): it is clamped to that floor, since each of those
+amounts is undone by its own release, and a refund that took them too would let that
+release erase someone else's spend. A rolling refund leaves the pending entries themselves
+in place and consumes the others, oldest first. Reservations whose lease has expired are
+dropped first (a release can no longer undo them), so their amounts can be refunded. Only
+``adjust`` looks at the pending reservations: ``reserve`` and ``commit`` do no more work.
+
+A release at or after its reservation's expiry drops the pending record and undoes nothing,
+whether or not another call expired the record first.
+
 The JSON file
 -------------
 
@@ -67,7 +78,7 @@ import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -105,6 +116,8 @@ TableKey = tuple[str, str, str]
 Where = str | float | None
 """Where an amount was put: a plain total, a calendar period, a rolling entry's time."""
 Undo = tuple[CounterKey, Where, Decimal]
+Pending = tuple[Where, Decimal]
+"""Where a pending reservation put an amount on a counter, and how much."""
 Hold = tuple[float, float, str, tuple[Undo, ...]]
 """A pending reservation: ``(expires_at, created_at, owner, amounts)``."""
 
@@ -118,6 +131,15 @@ def _minus(total: Decimal, amount: Decimal) -> Decimal:
     """``total - amount``, never below zero."""
     rest = _subtract(total, amount)
     return rest if rest > 0 else _ZERO
+
+
+def _adjusted(total: Decimal, delta: Decimal, held: Iterable[Decimal]) -> Decimal:
+    """``total + delta``; a refund stops at the ``held`` amounts (and so at zero)."""
+    adjusted = _add(total, delta)
+    if delta >= 0:
+        return adjusted
+    floor = min(total, reduce(_add, held, _ZERO))  # a refund never raises a total
+    return adjusted if adjusted > floor else floor
 
 
 def _checked(amount: Decimal, *, refund: bool = False) -> Decimal:
@@ -167,8 +189,13 @@ class _Table(ABC):
         """Undo a ``put``; nothing if that amount no longer counts."""
 
     @abstractmethod
-    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
-        """Add ``delta`` (negative: a refund), never going below zero; the new total."""
+    def adjust(self, subject: str, delta: Decimal, now: float, held: Sequence[Pending]) -> Decimal:
+        """Add ``delta`` (negative: a refund); the new total.
+
+        A refund never goes below zero, nor below the amounts of ``held`` (the subject's live
+        pending amounts, as ``(where, amount)``) that still count in the total: a release
+        will undo those.
+        """
 
     @abstractmethod
     def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
@@ -210,8 +237,9 @@ class _Totals(_Table):
         if total is not None:
             self.values[subject] = _minus(total, amount)
 
-    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
-        total = self.values[subject] = _minus(self.values.get(subject, _ZERO), -delta)
+    def adjust(self, subject: str, delta: Decimal, now: float, held: Sequence[Pending]) -> Decimal:
+        floor = (amount for _, amount in held)
+        total = self.values[subject] = _adjusted(self.values.get(subject, _ZERO), delta, floor)
         return total
 
     def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
@@ -303,9 +331,10 @@ class _Calendar(_Table):
         if held is not None and held[0] == where:
             self.values[subject] = (held[0], _minus(held[1], amount))
 
-    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
+    def adjust(self, subject: str, delta: Decimal, now: float, held: Sequence[Pending]) -> Decimal:
         bucket, total = self._current(subject, now)
-        total = _minus(total, -delta)
+        floor = (amount for where, amount in held if where == bucket)  # this period's only
+        total = _adjusted(total, delta, floor)
         self.values[subject] = (bucket, total)
         return total
 
@@ -394,11 +423,13 @@ class _Rolling(_Table):
         if not series.entries:
             del self.values[subject]
 
-    def adjust(self, subject: str, delta: Decimal, now: float) -> Decimal:
+    def adjust(self, subject: str, delta: Decimal, now: float, held: Sequence[Pending]) -> Decimal:
         """A positive delta is a new entry; a refund consumes the oldest entries first.
 
         Consuming the oldest ends the refund's effect no later than the amounts it cancels
-        would have stopped counting, so the total can never turn negative later on.
+        would have stopped counting, so the total can never turn negative later on. The
+        entries of ``held`` are skipped, left for their release to remove: the refund stops
+        at the sum of the others.
         """
         total = self.total(subject, now)
         if delta >= 0:
@@ -409,17 +440,25 @@ class _Rolling(_Table):
         series = self.values.get(subject)
         if series is None:
             return _ZERO
-        entries, owed = series.entries, -delta
-        while owed and entries:
-            at, amount = entries.popleft()
-            if amount > owed:
-                entries.appendleft((at, _subtract(amount, owed)))
-                break
-            owed = _subtract(owed, amount)
-        series.total = _minus(total, -delta)
-        if not entries:
+        pending = Counter(held)  # an entry a release will look for, as many times as held
+        kept: deque[tuple[float, Decimal]] = deque()
+        owed = refund = delta.copy_negate()
+        for entry in series.entries:
+            if pending[entry]:
+                pending[entry] -= 1
+                kept.append(entry)
+            elif not owed:
+                kept.append(entry)
+            elif entry[1] > owed:
+                kept.append((entry[0], _subtract(entry[1], owed)))
+                owed = _ZERO
+            else:
+                owed = _subtract(owed, entry[1])
+        total = _subtract(total, _subtract(refund, owed))
+        series.entries, series.total = kept, total
+        if not kept:
             del self.values[subject]
-        return series.total
+        return total
 
     def live(self, now: float) -> Iterator[tuple[str, Decimal]]:
         def expired(entry: tuple[float, Decimal]) -> bool:
@@ -564,10 +603,14 @@ class Ledger:
         """Drop a pending reservation: its amounts stay counted. ``False`` if it was gone."""
         return self.holds.pop(reservation.id, None) is not None
 
-    def release(self, reservation: Reservation) -> bool:
-        """Drop a pending reservation and undo its amounts. ``False`` if it was gone."""
+    def release(self, reservation: Reservation, now: float) -> bool:
+        """Drop a pending reservation and undo its amounts; ``True`` if they were undone.
+
+        ``False`` if it was gone or its lease has expired at ``now``: an expired reservation
+        is dropped all the same and stays counted, whether or not anything dropped it before.
+        """
         hold = self.holds.pop(reservation.id, None)
-        if hold is None:
+        if hold is None or hold[0] <= now:
             return False
         for key, where, amount in hold[3]:
             table = self.existing(key)
@@ -585,9 +628,25 @@ class Ledger:
         return tuple(totals)
 
     def adjust(self, key: CounterKey, delta: Decimal, now: float, window: Window | None) -> Decimal:
+        """Add ``delta`` to a total; a refund stops at the amounts still pending on it.
+
+        A refund first drops the expired pending records (their release can undo nothing
+        any more), then finds ``key``'s amounts in the live ones: the operator's path, where
+        going through every pending reservation is affordable.
+        """
         table = self.table(key, window)
+        delta = _checked(delta, refund=True)
+        held: list[Pending] = []
+        if delta < 0:
+            self._expire(now)
+            held = [
+                (where, amount)
+                for hold in self.holds.values()
+                for counter, where, amount in hold[3]
+                if counter == key
+            ]
         try:
-            return table.adjust(key.subject, _checked(delta, refund=True), now)
+            return table.adjust(key.subject, delta, now, held)
         except ArithmeticError as exc:
             raise StateStoreError(f"cannot keep an exact total: {exc!r}") from exc
 
@@ -599,8 +658,7 @@ class Ledger:
         ]
 
     def pending(self, now: float) -> list[PendingReservation]:
-        for rid in [rid for rid, hold in self.holds.items() if hold[0] <= now]:
-            del self.holds[rid]
+        self._expire(now)
         return [
             PendingReservation(rid, created, expires, tuple((k, a) for k, _, a in undo), owner)
             for rid, (expires, created, owner, undo) in self.holds.items()
@@ -620,6 +678,11 @@ class Ledger:
                 del self.holds[rid]
             elif len(kept) < len(undo):
                 self.holds[rid] = (expires, created, owner, kept)
+
+    def _expire(self, now: float) -> None:
+        """Drop every expired pending record: their amounts stay counted."""
+        for rid in [rid for rid, hold in self.holds.items() if hold[0] <= now]:
+            del self.holds[rid]
 
     def _expire_head(self, now: float) -> None:
         """Drop expired pending records from the oldest on: their amounts stay counted."""
@@ -664,8 +727,8 @@ class InMemoryStateStore(StateStore):
         finally:
             self._leave()
 
-    def release(self, reservation: Reservation) -> None:
-        self._locked(lambda: self._ledger.release(reservation))
+    def release(self, reservation: Reservation, now: float) -> None:
+        self._locked(lambda: self._ledger.release(reservation, now))
 
     def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
         return self._locked(lambda: self._ledger.peek(checks, now))
@@ -708,9 +771,10 @@ class LocalFileStateStore(StateStore):
     ) -> None:
         if fcntl is None:  # pragma: no cover - Windows
             raise StateStoreError("LocalFileStateStore needs POSIX file locks (fcntl.flock)")
-        self.path = os.fspath(path)
+        # Absolute once: a later chdir must not point the store at another folder's file.
+        self.path = os.path.abspath(os.fspath(path))
         self.lease_seconds = _lease(lease_seconds)
-        self._folder = os.path.dirname(self.path) or "."
+        self._folder = os.path.dirname(self.path)
         self._temp = self.path + ".tmp"
         self._lock_path = self.path + ".lock"
         self._lock = threading.Lock()
@@ -734,8 +798,13 @@ class LocalFileStateStore(StateStore):
     def commit(self, reservation: Reservation) -> None:
         self._run(lambda ledger: (None, ledger.commit(reservation)), durable=False)
 
-    def release(self, reservation: Reservation) -> None:
-        self._run(lambda ledger: (None, ledger.release(reservation)), durable=False)
+    def release(self, reservation: Reservation, now: float) -> None:
+        def operation(ledger: Ledger) -> tuple[None, bool]:
+            pending = reservation.id in ledger.holds
+            ledger.release(reservation, now)
+            return None, pending  # an expired record is dropped too: write that
+
+        self._run(operation, durable=False)
 
     def peek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
         return self._run(lambda ledger: (ledger.peek(checks, now), False), exclusive=False)
@@ -777,8 +846,8 @@ class LocalFileStateStore(StateStore):
     async def acommit(self, reservation: Reservation) -> None:
         await run_blocking(self.commit, reservation)
 
-    async def arelease(self, reservation: Reservation) -> None:
-        await run_blocking(self.release, reservation)
+    async def arelease(self, reservation: Reservation, now: float) -> None:
+        await run_blocking(self.release, reservation, now)
 
     async def apeek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
         totals: tuple[Decimal, ...] = await run_blocking(self.peek, checks, now)
