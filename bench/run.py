@@ -28,6 +28,7 @@ from limenex.core.stores import InMemoryStateStore, LocalFileStateStore
 from limenex.skills.finance import make_spend
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 POLICY = """
 finance.spend:
   policies:
@@ -142,7 +143,8 @@ def file_rows(calls: int, runs: int, agent_counts: list[int]) -> list[Row]:
     rows = []
     for sync, scenario in ((False, "async `make_spend`"), (True, "sync `@governed`")):
         for agents in agent_counts:
-            with tempfile.TemporaryDirectory(prefix="limenex-bench-", dir=ROOT) as tmp:
+            RESULTS.mkdir(parents=True, exist_ok=True)  # same disk as the project, ignored by git
+            with tempfile.TemporaryDirectory(prefix="state-", dir=RESULTS) as tmp:
                 path = Path(tmp) / "state.json"
                 if agents > 1:
                     _seed_file(path, agents)
@@ -201,9 +203,8 @@ def main() -> None:
     rows += file_rows(calls=50 if args.quick else 400, runs=runs, agent_counts=[1, 1_000, 10_000])
     text = table(rows)
     print(text)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
     if args.write_readme and not args.quick:
         write_readme(text)
 
