@@ -176,10 +176,11 @@ def table(rows: list[Row]) -> str:
     lines.append(
         f"Python {platform.python_version()} on {platform.machine()}, "
         f"median of {rows[0].runs} runs per figure; one cumulative policy, one agent, every "
-        "call allowed, no audit hook. The file store writes twice per call (reserve, then "
-        "commit), each an atomic replace of a data-synced file; the reserve also fsyncs the "
-        "folder. On the async path each of those writes runs in a worker thread "
-        "(`asyncio.to_thread`) so the event loop never blocks on the disk."
+        "call allowed, no audit hook. On the file store a reserve replaces `state.json` "
+        "(data and folder fsynced) and records the reservation in the small "
+        "`state.json.pending`; the commit only updates that sidecar. On the async path each "
+        "store operation runs in a worker thread (`asyncio.to_thread`), so the event loop "
+        "never blocks on the disk."
     )
     return "\n".join(lines)
 
