@@ -267,7 +267,7 @@ class PolicyEngine:
         except BaseException:
             self._settle(reservation, release=False)
             raise
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()  # never started, so nothing happened
             self._settle(reservation, release=True)
@@ -276,7 +276,8 @@ class PolicyEngine:
                 "govern async executors with an async skill or an `async def` function"
             )
         self._settle(reservation, release=False)
-        self._after_action(plan, "executed")
+        if self.audit_logger is not None:
+            self._after_action(plan, "executed")
         return result
 
     def governed(
