@@ -164,13 +164,15 @@ def _fmt(us: float) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| call | store | agents tracked | bare call | governed call | overhead | target |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| call | store | agents tracked | bare call | governed call | overhead "
+        "| overhead ÷ bare | target |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r.scenario} | {r.store} | {r.agents:,} | {_fmt(r.bare_us)} | "
-            f"{_fmt(r.governed_us)} | **{_fmt(r.overhead_us)}** | {r.target} |"
+            f"{_fmt(r.governed_us)} | **{_fmt(r.overhead_us)}** | "
+            f"{r.overhead_us / r.bare_us:,.0f}× | {r.target} |"
         )
     lines.append("")
     lines.append(
