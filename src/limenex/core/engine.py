@@ -57,6 +57,7 @@ from limenex.core.evaluation import (
 )
 from limenex.core.policy_store import LocalFilePolicyStore, PolicyStore
 from limenex.core.state import Reservation, StateBreach, StateStore
+from limenex.semantic import parse_answer
 
 __all__ = [
     "AuditHook",
@@ -445,7 +446,7 @@ class PolicyEngine:
                     answer = await answer
             if deadline.expired():  # an evaluator that swallowed its cancellation
                 raise TimeoutError
-            verdict, reason = _parse(answer)
+            verdict, reason = parse_answer(answer)
         except TimeoutError:
             return f"the evaluator did not answer within {timeout:g} s"
         except EvaluatorError as exc:
@@ -598,12 +599,6 @@ def _binder(
         return params[agent_id_param], params
 
     return bind
-
-
-def _parse(answer: object) -> tuple[Verdict, str]:
-    from limenex.semantic import parse_answer
-
-    return parse_answer(answer)
 
 
 def _is_async_callable(fn: Callable[..., Any]) -> bool:
