@@ -14,6 +14,8 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -158,6 +160,39 @@ def file_rows(calls: int, runs: int, agent_counts: list[int]) -> list[Row]:
     return rows
 
 
+_FOOTPRINT = """
+import sys
+from decimal import Decimal
+from limenex.core.state import Check, CounterKey
+from limenex.core.stores import InMemoryStateStore
+
+def rss_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+count = int(sys.argv[1])
+base = rss_mb()
+store = InMemoryStateStore()
+amount, limit = Decimal("1.5"), Decimal("1E+12")
+for n in range(count):
+    key = CounterKey("spend_usd", "agent", f"agent-{n}", "")
+    store.commit(store.reserve([Check(0, key, None, amount, "lt", limit)], 0.0))
+assert len(store.totals(0)) == count
+print(rss_mb() - base)
+"""
+
+
+def footprint_mb(totals: int) -> float:
+    """Resident memory an in-memory store needs for ``totals`` agents, in a fresh process."""
+    done = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", _FOOTPRINT, str(totals)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(done.stdout)
+
+
 def _fmt(us: float) -> str:
     return f"{us:,.2f} µs" if us < 100 else f"{us / 1000:,.3f} ms"
 
@@ -210,7 +245,11 @@ def main() -> None:
         runs=3 if args.quick else 9,
         agent_counts=[1, 1_000, 10_000],
     )
-    text = table(rows)
+    totals = 100_000 if args.quick else 1_000_000
+    text = table(rows) + (
+        f"\n\nMemory: the in-memory store holds {totals:,} (dimension, agent) totals in "
+        f"{footprint_mb(totals):,.0f} MiB of resident memory (target ≤ 300 MB at 1,000,000)."
+    )
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
