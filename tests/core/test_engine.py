@@ -966,3 +966,25 @@ async def test_evaluator_that_swallows_its_timeout_still_breaches(make_engine: M
     decision = await engine.evaluate("comms.send", "a", {"recipient": "b", "text": "t"})
     assert decision.verdict is Verdict.ESCALATE
     assert "did not answer within" in decision.reason
+
+
+def test_broken_evaluator_loop_blocks_the_sync_path(
+    make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(SEMANTIC.replace("comms.send", "tools.shout"), llm_evaluator=_raise)
+
+    def broken() -> Any:
+        raise RuntimeError("cannot start thread")
+
+    monkeypatch.setattr(engine, "_background_loop", broken)
+    ran: list[str] = []
+
+    @engine.governed("tools.shout")
+    def shout(agent_id: str, text: str) -> None:
+        ran.append(text)
+
+    with pytest.raises(BlockedError) as caught:
+        shout(agent_id="a", text="hey")
+    assert caught.value.decision.fail_closed
+    assert "semantic evaluation failed" in caught.value.decision.reason
+    assert ran == []

@@ -424,10 +424,14 @@ class PolicyEngine:
     def _judge_sync(self, plan: Plan, decision: Decision | None) -> Decision | None:
         if not plan.semantic:
             return decision
-        future: Future[Decision | None] = asyncio.run_coroutine_threadsafe(
-            self._judge(plan, decision), self._background_loop()
-        )
-        return future.result()
+        try:
+            loop = self._background_loop()
+            future: Future[Decision | None] = asyncio.run_coroutine_threadsafe(
+                self._judge(plan, decision), loop
+            )
+            return future.result()
+        except Exception as exc:  # the evaluator's loop thread itself broke
+            return self._failure(plan.skill.skill_id, plan.agent_id, "semantic evaluation", exc)
 
     async def _ask(self, plan: Plan, rule: str) -> str | None:
         """``None`` when the evaluator allows; otherwise why the rule counts as breached."""
