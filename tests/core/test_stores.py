@@ -9,13 +9,22 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import reduce
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from limenex.core.errors import LimenexConfigError, StateStoreError
-from limenex.core.state import OPERATORS, Check, CounterKey, Reservation, StateBreach, StateStore
+from limenex.core.state import (
+    EXACT,
+    OPERATORS,
+    Check,
+    CounterKey,
+    Reservation,
+    StateBreach,
+    StateStore,
+)
 from limenex.core.window import Window
 
 T0 = datetime(2026, 3, 10, 12, tzinfo=UTC).timestamp()  # a Tuesday
@@ -51,6 +60,11 @@ def reserved(store: StateStore, checks: list[Check], now: float = T0) -> Reserva
     outcome = store.reserve(checks, now)
     assert isinstance(outcome, Reservation), outcome
     return outcome
+
+
+def plus(*amounts: Decimal | str) -> Decimal:
+    """The exact sum (the default decimal context would round it)."""
+    return reduce(EXACT.add, (Decimal(a) for a in amounts), Decimal(0))
 
 
 def settled(store: StateStore, how: str, reservation: Reservation, now: float = T0) -> None:
@@ -354,19 +368,42 @@ def test_a_hundred_dimes_reach_ten_exactly_and_the_next_fails(store: StateStore)
     assert outcome.projected == Decimal("10.1")
 
 
-@pytest.mark.parametrize(("recorded", "amount"), [("1E+95", "0.1"), ("0", "1E+200")])
-def test_an_amount_that_cannot_be_added_exactly_raises_and_changes_nothing(
+@pytest.mark.parametrize(
+    ("recorded", "amount"),
+    [("1E+95", "0.1"), ("0", "1E+200"), ("0.1", "1E-30"), ("999999999999999999999999999999", "1")],
+)
+def test_a_sum_is_kept_exactly_or_refused_never_rounded(
     store: StateStore, recorded: str, amount: str
 ) -> None:
-    """96 significant digits at most: a sum that would need more is refused, not rounded."""
+    """Each store has its own range; outside it an operation raises and changes nothing."""
     spend = check(recorded, "lte", "1E+300")
-    store.commit(reserved(store, [spend]))
-    with pytest.raises(StateStoreError, match="exact"):
-        store.reserve([check(amount, "lte", "1E+300")], T0)
+    try:
+        store.commit(reserved(store, [spend]))
+    except StateStoreError as exc:
+        assert "exact" in str(exc)  # noqa: PT017 - refusing is one of two allowed outcomes
+        assert store.totals(T0) == []
+        return
     assert total(store, spend) == Decimal(recorded)
+    try:
+        store.commit(reserved(store, [check(amount, "lte", "1E+300")]))
+    except StateStoreError as exc:
+        assert "exact" in str(exc)  # noqa: PT017 - refusing is one of two allowed outcomes
+        assert total(store, spend) == Decimal(recorded)
+    else:
+        assert total(store, spend) == plus(recorded, amount)  # exact, not rounded
     assert store.pending(T0) == []
-    store.commit(reserved(store, [spend]))  # the total is still exact and usable
-    assert total(store, spend) == 2 * Decimal(recorded)
+    before = total(store, spend)
+    store.commit(reserved(store, [check("1", "lte", "1E+300")]))  # still exact and usable
+    assert total(store, spend) == plus(before, "1")
+
+
+def test_every_amount_the_engine_allows_adds_up_exactly(store: StateStore) -> None:
+    """Amounts below 1E+30 with up to 18 places, and totals of many of them, are kept exactly."""
+    largest = Decimal("999999999999999999999999999999.999999999999999999")
+    smallest = Decimal("0.000000000000000001")
+    for amount in (largest, smallest, largest, Decimal("0.1")):
+        store.commit(reserved(store, [check(str(amount), "lte", "1E+40")]))
+    assert total(store, check()) == plus(largest, largest, smallest, "0.1")
 
 
 @pytest.mark.parametrize("amount", ["NaN", "Infinity", "-Infinity", "sNaN", "-0.01"])

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from decimal import (
@@ -47,6 +49,7 @@ __all__ = [
     "EXACT",
     "OPERATORS",
     "Check",
+    "CommitQueue",
     "CounterKey",
     "PendingReservation",
     "Reservation",
@@ -206,6 +209,10 @@ class StateStore(ABC):
     def close(self) -> None:  # noqa: B027 - stores without resources need nothing here
         """Release connections and file handles."""
 
+    async def aclose(self) -> None:
+        """:meth:`close` from async code: stores with async connections close them here."""
+        self.close()
+
     async def areserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
         return self.reserve(checks, now)
 
@@ -217,6 +224,57 @@ class StateStore(ABC):
 
     async def apeek(self, checks: Sequence[Check], now: float) -> tuple[Decimal, ...]:
         return self.peek(checks, now)
+
+
+class CommitQueue:
+    """Commits waiting to ride on a networked store's next round trip.
+
+    A reservation counts as spent from the moment it is made, so a commit changes no total:
+    it only ends the pending record. Redis, PostgreSQL and SQLite stores therefore queue it
+    here and send it along with their next operation, which keeps a successful governed call
+    to one round trip. :meth:`add` says when the queue should be sent on its own instead: it
+    holds ``max_size`` ids, or its oldest has waited ``max_age`` seconds. ``close`` sends the
+    rest. A queued commit that is never sent (the process died) leaves its record to expire
+    with its lease, its amounts counted: the same totals a commit gives.
+
+    Thread-safe: ``add`` and ``take`` are each one step under the GIL plus a lock.
+    """
+
+    __slots__ = ("_first", "_ids", "_lock", "max_age", "max_size")
+
+    def __init__(self, *, max_age: float = 1.0, max_size: int = 512) -> None:
+        self.max_age = max_age
+        self.max_size = max_size
+        self._ids: list[str] = []
+        self._first = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, reservation_id: str) -> bool:
+        """Queue one commit; ``True`` when the caller should send the queue now."""
+        with self._lock:
+            ids = self._ids
+            if not ids:
+                self._first = time.monotonic()
+            ids.append(reservation_id)
+            return len(ids) >= self.max_size or time.monotonic() - self._first >= self.max_age
+
+    def take(self) -> list[str]:
+        """Every queued id, emptying the queue (send them, or ``put_back`` on failure)."""
+        if not self._ids:  # the common case on a hot path: nothing to take, no lock
+            return []
+        with self._lock:
+            ids, self._ids = self._ids, []
+            return ids
+
+    def put_back(self, ids: Sequence[str]) -> None:
+        """Queue again ids whose round trip failed: their records are still pending."""
+        if ids:
+            with self._lock:
+                self._ids[:0] = ids
+                self._first = time.monotonic() if len(self._ids) == len(ids) else self._first
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
