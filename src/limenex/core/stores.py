@@ -130,7 +130,7 @@ try:
 except ImportError:  # pragma: no cover - Windows has no flock
     fcntl = None  # type: ignore[assignment]  # LocalFileStateStore refuses to start then
 
-__all__ = ["InMemoryStateStore", "LocalFileStateStore", "StateStore"]
+__all__ = ["InMemoryStateStore", "LocalFileStateStore", "SQLiteStateStore", "StateStore"]
 
 RESERVED = "__limenex__"
 """The state file's top-level key for everything beyond the seed layout."""
@@ -1349,3 +1349,6 @@ def _window(text: str, where: str) -> Window | None:
         return Window.parse(text) if text else None
     except ValueError as exc:
         raise _Corrupt(f"{where}: {exc}") from None
+
+
+from limenex.core.sqlite import SQLiteStateStore  # noqa: E402 - last: it imports from here
