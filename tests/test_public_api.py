@@ -16,6 +16,7 @@ def test_seed_import_paths_exist() -> None:
     from limenex.core.stores import (  # noqa: F401
         InMemoryStateStore,
         LocalFileStateStore,
+        SQLiteStateStore,
     )
     from limenex.skills import UnregisteredExecutorError  # noqa: F401
     from limenex.skills.comms import make_send  # noqa: F401
@@ -40,7 +41,9 @@ def test_store_urls_choose_backends_and_unknown_schemes_list_known_ones(tmp_path
 
     assert isinstance(from_url("memory://"), InMemoryStateStore)
     assert isinstance(from_url(f"file://{tmp_path}/s.json"), LocalFileStateStore)
-    with pytest.raises(LimenexConfigError, match="known schemes: memory://, file://"):
+    with pytest.raises(
+        LimenexConfigError, match="known schemes: memory://, file://, sqlite://, redis://"
+    ):
         from_url("mongodb://x")
 
 

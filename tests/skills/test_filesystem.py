@@ -29,7 +29,7 @@ def engine_protecting(root: Path) -> PolicyEngine:
         textwrap.dedent(policy).format(skill=skill, param=param)
         for skill, param in [("write", "filepath"), ("delete", "filepath"), ("move", "dst")]
     )
-    return PolicyEngine(policy_store=InMemoryPolicyStore.from_yaml(text))
+    return PolicyEngine(policy_store=InMemoryPolicyStore.from_yaml(text), state_store="memory://")
 
 
 @pytest.fixture

@@ -84,7 +84,9 @@ class PolicyEngine:
 
     ``policy_store`` is a :class:`PolicyStore` or the path of a policy file;
     ``state_store`` a :class:`StateStore` or a store URL (``memory://``,
-    ``file://.limenex/state.json``); the default keeps state in memory.
+    ``sqlite:///.limenex/state.db``, ``redis://...``; see :mod:`limenex.stores`). The default
+    is the embedded durable store: SQLite in ``state.db`` beside the policy file, or in
+    ``.limenex/state.db`` when the policies do not come from a file.
     ``llm_evaluator`` judges semantic policies (see :mod:`limenex.semantic`);
     ``semantic_timeout`` bounds each judgement. ``audit_logger`` is called for every
     decision and outcome; if it fails before the action, the action is blocked.
@@ -107,10 +109,12 @@ class PolicyEngine:
                 "policy_store must be a PolicyStore (e.g. LocalFilePolicyStore) or a path, "
                 f"got {type(policy_store).__name__}"
             )
-        if state_store is None or isinstance(state_store, str):
+        if state_store is None:
+            state_store = _default_state_store(policy_store)
+        elif isinstance(state_store, str):
             from limenex.stores import from_url
 
-            state_store = from_url(state_store or "memory://")
+            state_store = from_url(state_store)
         if not isinstance(state_store, StateStore):
             raise LimenexConfigError(
                 f"state_store must be a StateStore or a URL, got {type(state_store).__name__}"
@@ -558,6 +562,15 @@ class PolicyEngine:
     @staticmethod
     def _failure(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
         return _failure_decision(skill_id, agent_id, what, exc)
+
+
+def _default_state_store(policy_store: PolicyStore) -> StateStore:
+    """SQLite beside the policy file (``.limenex/state.db`` for other policy stores)."""
+    from limenex.core.stores import SQLiteStateStore
+
+    if isinstance(policy_store, LocalFilePolicyStore):
+        return SQLiteStateStore(policy_store.path.parent / "state.db")
+    return SQLiteStateStore(os.path.join(".limenex", "state.db"))
 
 
 def _failure_decision(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
