@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,22 +11,15 @@ import pytest
 from limenex.core.engine import PolicyEngine
 from limenex.core.policy_store import InMemoryPolicyStore
 from limenex.core.state import StateStore
-from limenex.core.stores import InMemoryStateStore, LocalFileStateStore
 from limenex.testing import FrozenClock
 
 MakeEngine = Callable[..., PolicyEngine]
 
 
-@pytest.fixture(params=["memory", "file"])
-def state_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
-    """Each engine behaviour runs on every embedded store."""
-    store: StateStore
-    if request.param == "memory":
-        store = InMemoryStateStore()
-    else:
-        store = LocalFileStateStore(tmp_path / "state.json")
-    yield store
-    store.close()
+@pytest.fixture
+def state_store(make_store: Callable[..., StateStore]) -> StateStore:
+    """Each engine behaviour runs on every store (see ``tests/conftest.py``)."""
+    return make_store()
 
 
 @pytest.fixture

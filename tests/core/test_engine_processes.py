@@ -1,4 +1,5 @@
-"""Several processes governing through one file store, and a corrupt state file."""
+"""Several processes governing through one store (tasks, threads, connections), and a corrupt
+state file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import json
 import multiprocessing
 import os
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,8 +18,11 @@ import pytest
 from limenex.core.engine import BlockedError, EscalationRequired, PolicyEngine
 from limenex.core.errors import CorruptStateError
 from limenex.core.policy_store import LocalFilePolicyStore
+from limenex.core.state import Check, CounterKey
 from limenex.core.stores import LocalFileStateStore
 from limenex.skills.finance import make_spend
+from limenex.stores import from_url
+from servers import POSTGRES_URL, REDIS_URL, RUN
 
 POLICY = """
 finance.spend:
@@ -30,35 +36,72 @@ finance.spend:
 """
 
 
-def _spend_worker(folder: str, worker: int, attempts: int, start: object) -> None:
+def _store_url(kind: str, folder: Path) -> str:
+    """A store URL of ``kind`` that every process of one test shares, and no other test."""
+    if kind == "file":
+        return f"file://{folder}/state.json"
+    if kind == "sqlite":
+        return f"sqlite:///{folder}/state.db"
+    if kind == "redis":
+        return f"{REDIS_URL}?prefix={RUN}:processes:{folder.name}"
+    return f"{POSTGRES_URL}?schema={RUN}_processes_{folder.name.replace('-', '_')}"
+
+
+def _spend_worker(folder: str, url: str, worker: int, start: object) -> None:
+    """5 asyncio tasks and 3 threads, each with its own calls: several connections at once."""
     engine = PolicyEngine(
         policy_store=LocalFilePolicyStore(os.path.join(folder, "policies.yaml")),
-        state_store=LocalFileStateStore(os.path.join(folder, "state.json")),
+        state_store=url,
     )
+    lock = threading.Lock()
     executed = os.path.join(folder, f"executed-{worker}.log")
 
     def pay(amount_usd: float) -> None:
-        with open(executed, "a") as log:
+        with lock, open(executed, "a") as log:
             log.write(f"{amount_usd}\n")
 
     spend = make_spend(engine, {"bank": pay})
 
-    async def run() -> None:
-        for _ in range(attempts):
+    async def task() -> None:
+        for _ in range(5):
             with contextlib.suppress(EscalationRequired):
                 await spend(agent_id="agent-1", service="bank", amount_usd=2.5)
 
+    def thread() -> None:
+        for _ in range(5):
+            with contextlib.suppress(EscalationRequired):
+                engine.execute_sync(
+                    "finance.spend",
+                    "agent-1",
+                    {"service": "bank", "amount_usd": 2.5},
+                    lambda: pay(2.5),
+                )
+
+    async def run() -> None:
+        threads = [threading.Thread(target=thread) for _ in range(3)]
+        for t in threads:
+            t.start()
+        await asyncio.gather(*(task() for _ in range(5)))
+        for t in threads:
+            t.join()
+
     start.wait()  # type: ignore[attr-defined]
     asyncio.run(run())
+    engine.close()
 
 
 @pytest.mark.slow
-def test_four_processes_sharing_a_file_store_execute_exactly_the_limit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis", "postgres"])
+def test_four_processes_sharing_a_store_execute_exactly_the_limit(
+    tmp_path: Path, kind: str
+) -> None:
+    """4 processes x (5 tasks + 3 threads) x 5 calls of $2.50 = 160 attempts for $250."""
     (tmp_path / "policies.yaml").write_text(POLICY)
+    url = _store_url(kind, tmp_path)
     context = multiprocessing.get_context("spawn")
     start = context.Event()
     workers = [
-        context.Process(target=_spend_worker, args=(str(tmp_path), n, 40, start)) for n in range(4)
+        context.Process(target=_spend_worker, args=(str(tmp_path), url, n, start)) for n in range(4)
     ]
     for process in workers:
         process.start()
@@ -73,9 +116,18 @@ def test_four_processes_sharing_a_file_store_execute_exactly_the_limit(tmp_path:
         if (tmp_path / f"executed-{n}.log").exists()
         for line in (tmp_path / f"executed-{n}.log").read_text().split()
     ]
-    state = json.loads((tmp_path / "state.json").read_text(), parse_float=Decimal)
     assert len(ran) == 100  # 100 x $2.50 == $250, the limit; 160 attempts in all
-    assert state["spend_usd"]["agent-1"] == sum(ran) == 250
+    store = from_url(url)
+    try:
+        key = CounterKey("spend_usd", "agent", "agent-1", "")
+        recorded = store.peek([Check(0, key, None, Decimal(0), "gte", Decimal(0))], time.time())
+        assert recorded[0] == sum(ran) == 250
+        assert store.pending(time.time()) == []  # every commit landed
+    finally:
+        store.close()
+    if kind == "file":  # and in the seed's layout
+        state = json.loads((tmp_path / "state.json").read_text(), parse_float=Decimal)
+        assert state["spend_usd"]["agent-1"] == 250
 
 
 @pytest.mark.parametrize(
