@@ -1,7 +1,8 @@
 """A short governed-agent demo: a scripted agent's tool calls meet the policies.
 
 Runs offline: the "model" that judges the semantic rule is a keyword check standing in for
-the LLM a real team would plug in. State lives in a temporary folder.
+the LLM a real team would plug in. State lives in the embedded default store, SQLite, in a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from limenex.core.engine import BlockedError, EscalationRequired, PolicyEngine
 from limenex.core.policy_store import LocalFilePolicyStore
-from limenex.core.stores import LocalFileStateStore
+from limenex.core.stores import SQLiteStateStore
 from limenex.skills.comms import make_send
 from limenex.skills.filesystem import make_write
 from limenex.skills.finance import make_spend
@@ -37,7 +38,7 @@ async def email(recipient: str, text: str) -> str:
 async def main(folder: Path) -> None:
     engine = PolicyEngine(
         policy_store=LocalFilePolicyStore(HERE / "policies" / "agent.yaml"),
-        state_store=LocalFileStateStore(folder / "state.json"),
+        state_store=SQLiteStateStore(folder / "state.db"),
         llm_evaluator=judge,
     )
     spend = make_spend(engine, {"openai": pay, "aws": pay, "gcp": pay})
@@ -74,7 +75,11 @@ async def main(folder: Path) -> None:
             print(f"BLOCK     {label:<24} -> {exc.decision.reason}")
         except EscalationRequired as exc:
             print(f"ESCALATE  {label:<24} -> {exc.decision.reason}")
-    print(f"\nstate: {(folder / 'state.json').read_text()}")
+    print("\nstate (`limenex state show` lists the same):")
+    for key, total in sorted(engine.state_store.totals(engine.clock.now())):
+        window = f" per {key.window}" if key.window else ""
+        print(f"  {key.dimension} [{key.scope} {key.subject}]{window}: {total}")
+    engine.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from limenex.cli.state import state
 from limenex.cli.validate import schema, validate
 
 __all__ = ["main"]
@@ -21,3 +22,4 @@ def main() -> None:
 
 main.add_command(validate)
 main.add_command(schema)
+main.add_command(state)
