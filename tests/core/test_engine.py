@@ -988,3 +988,89 @@ def test_broken_evaluator_loop_blocks_the_sync_path(
     assert caught.value.decision.fail_closed
     assert "semantic evaluation failed" in caught.value.decision.reason
     assert ran == []
+
+
+# --- stores whose async reserve suspends (network stores) or not (SQLite, uncontended) -------
+
+
+class SuspendingStore(InMemoryStateStore):
+    """``areserve`` suspends twice (a bare yield, then a future) before it reserves."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.fail = fail
+        self.made: list[object] = []
+
+    async def areserve(self, checks: Any, now: float) -> Any:
+        self.entered.set()
+        await asyncio.sleep(0)
+        await self.gate.wait()
+        if self.fail:
+            raise StateStoreError("the server went away")
+        outcome = self.reserve(checks, now)
+        self.made.append(outcome)
+        return outcome
+
+
+class EagerStore(InMemoryStateStore):
+    """``areserve`` that never suspends, as SQLite's is when its lock is free."""
+
+    async def areserve(self, checks: Any, now: float) -> Any:
+        return self.reserve(checks, now)
+
+
+@pytest.mark.parametrize("kind", [SuspendingStore, EagerStore])
+async def test_a_store_reserve_that_suspends_or_not_is_driven_to_its_result(kind: type) -> None:
+    store = kind()
+    engine = PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(SPEND_LT_50), state_store=store
+    )
+    if isinstance(store, SuspendingStore):
+        store.gate.set()
+    ledger = Ledger()
+    spend = make_spend(engine, {"openai": ledger.pay})
+    await spend(agent_id="agent-1", service="openai", amount_usd=30)
+    with pytest.raises(EscalationRequired):
+        await spend(agent_id="agent-1", service="openai", amount_usd=30)
+    assert ledger.paid == [30]
+    assert spend_total(store) == 30
+
+
+async def test_a_store_failing_after_it_suspended_blocks_and_runs_nothing() -> None:
+    store = SuspendingStore(fail=True)
+    store.gate.set()
+    engine = PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(SPEND_LT_50), state_store=store
+    )
+    ledger = Ledger()
+    with pytest.raises(BlockedError) as caught:
+        await make_spend(engine, {"openai": ledger.pay})(
+            agent_id="agent-1", service="openai", amount_usd=1
+        )
+    assert caught.value.decision.fail_closed
+    assert isinstance(caught.value.__cause__, StateStoreError)
+    assert ledger.paid == []
+
+
+async def test_a_call_cancelled_while_its_store_reserves_releases_what_lands_later() -> None:
+    """The reservation lands after the caller is gone: nothing ran, so it is released."""
+    store = SuspendingStore()
+    engine = PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(SPEND_LT_50), state_store=store
+    )
+    ledger = Ledger()
+    spend = make_spend(engine, {"openai": ledger.pay})
+    call = asyncio.ensure_future(spend(agent_id="agent-1", service="openai", amount_usd=30))
+    await store.entered.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    store.gate.set()  # the store now makes the reservation nobody is waiting for
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(store.made) == 1  # it did land...
+    assert spend_total(store) == 0  # ...and was released
+    assert store.pending(0.0) == []
+    assert ledger.paid == []

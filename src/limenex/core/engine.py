@@ -26,7 +26,7 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from concurrent.futures import Future
 from decimal import Decimal
 from types import CoroutineType
@@ -478,7 +478,12 @@ class PolicyEngine:
         now = self.clock.now()
         if self._store_is_direct:
             return store.reserve(plan.checks, now)
-        task = asyncio.ensure_future(store.areserve(plan.checks, now))
+        reserve = store.areserve(plan.checks, now)
+        try:
+            suspended_on = reserve.send(None)  # run it eagerly, up to its first suspension
+        except StopIteration as done:  # finished without suspending (SQLite's uncontended path)
+            return cast(Reservation | StateBreach, done.value)
+        task = asyncio.ensure_future(_resumed(reserve, suspended_on))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -562,6 +567,41 @@ class PolicyEngine:
     @staticmethod
     def _failure(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
         return _failure_decision(skill_id, agent_id, what, exc)
+
+
+class _Yield:
+    """An awaitable that yields one value to the event loop and returns what is sent back."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.value)
+
+
+async def _resumed(coro: Coroutine[Any, Any, R], suspended_on: Any) -> R:
+    """Go on driving ``coro`` from the suspension its first step stopped at, as ``await`` would.
+
+    The engine starts a store's ``areserve`` eagerly: when it finishes without suspending, no
+    task and no trip through the event loop are needed. When it suspends, this hands the rest
+    to a task (so it can be shielded from cancellation), passing every value and exception
+    between the task and ``coro`` unchanged, like ``yield from``.
+    """
+    while True:
+        try:
+            sent = await _Yield(suspended_on)
+        except BaseException as exc:  # every exception goes on to the coroutine
+            try:
+                suspended_on = coro.throw(exc)
+            except StopIteration as done:
+                return cast(R, done.value)
+        else:
+            try:
+                suspended_on = coro.send(sent)
+            except StopIteration as done:
+                return cast(R, done.value)
 
 
 def _default_state_store(policy_store: PolicyStore) -> StateStore:
