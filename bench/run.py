@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +29,16 @@ from typing import Any
 from limenex.core.engine import PolicyEngine
 from limenex.core.policy_store import InMemoryPolicyStore
 from limenex.core.state import StateStore
-from limenex.core.stores import InMemoryStateStore, LocalFileStateStore
+from limenex.core.stores import InMemoryStateStore, LocalFileStateStore, SQLiteStateStore
 from limenex.skills.finance import make_spend
+from limenex.stores import from_url
 
 ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("LIMENEX_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("LIMENEX_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+RUN = f"lxbench_{uuid.uuid4().hex[:8]}"
+"""This run's Redis key prefix and PostgreSQL schema prefix, removed when it ends."""
+MILLION = 1_000_000
 RESULTS = ROOT / "bench" / "results"
 POLICY = """
 finance.spend:
@@ -160,6 +169,215 @@ def file_rows(calls: int, runs: int, agent_counts: list[int]) -> list[Row]:
     return rows
 
 
+# --- SQLite, Redis, PostgreSQL: per call at 1 and 1,000,000 agents ---------------------------
+
+
+def _populate_sqlite(store: StateStore, agents: int) -> None:
+    """Bulk-insert ``agents`` totals (bench only: knows the store's table)."""
+    assert isinstance(store, SQLiteStateStore)
+    import sqlite3
+
+    store.peek([], 0.0)  # creates the schema
+    with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as conn:
+        conn.execute("BEGIN")
+        conn.executemany(
+            'INSERT INTO counters (dimension, scope, subject, "window", total) '
+            "VALUES ('spend_usd', 'agent', ?, '', '1.5')",
+            ((f"agent-{n}",) for n in range(2, agents + 1)),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _populate_redis(store: StateStore, agents: int) -> None:
+    """``agents`` totals written by a Lua loop on the server (bench only: knows the keys)."""
+    import redis
+
+    from limenex.stores.redis import _table_id
+
+    tid = _table_id("spend_usd", "agent", "")
+    key = "{" + getattr(store, "prefix") + "}:"  # noqa: B009 - typed as the base class here
+    fill = """
+    for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do
+      redis.call('HSET', KEYS[1], 'agent-' .. i, '1.5')
+    end
+    redis.call('SADD', KEYS[2], ARGV[3])
+    """
+    with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as client:
+        for start in range(2, agents + 1, 100_000):
+            end = min(start + 99_999, agents)
+            client.eval(fill, 2, f"{key}p:{tid}", f"{key}t", start, end, f"p|{tid}")
+
+
+def _populate_postgres(store: StateStore, agents: int) -> None:
+    """``agents`` rows from one ``generate_series`` (bench only: knows the table)."""
+    import psycopg
+    from psycopg import sql
+
+    schema = getattr(store, "schema")  # noqa: B009 - typed as the base class here
+    store.peek([], 0.0)  # creates the schema
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        table = sql.Identifier(schema, "counters")
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (dimension, scope, subject, win, secs, total) "
+                "SELECT 'spend_usd', 'agent', 'agent-' || g, '', 0, 1.5 "
+                "FROM generate_series(2, %s) g"
+            ).format(table),
+            (agents,),
+        )
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+
+
+def _new_store(kind: str, folder: Path) -> StateStore:
+    name = f"{RUN}_{uuid.uuid4().hex[:6]}"
+    if kind == "memory":
+        return InMemoryStateStore()
+    if kind == "sqlite":
+        return SQLiteStateStore(folder / f"{name}.db")
+    if kind == "redis":
+        return from_url(f"{REDIS_URL}?prefix={name}")
+    if kind == "postgres":
+        return from_url(f"{POSTGRES_URL}?schema={name}")
+    raise ValueError(kind)
+
+
+_POPULATE: dict[str, Callable[[StateStore, int], None]] = {
+    "sqlite": _populate_sqlite,
+    "redis": _populate_redis,
+    "postgres": _populate_postgres,
+}
+_LABEL = {"sqlite": "SQLite (WAL)", "redis": "Redis", "postgres": "PostgreSQL"}
+_TARGET = {"sqlite": "≤ 40 µs", "redis": "", "postgres": ""}
+
+
+def _drop(kind: str, store: StateStore) -> None:
+    """Remove what a bench store left on its server."""
+    store.reset()
+    store.close()
+    if kind == "postgres":
+        import psycopg
+        import psycopg.sql
+
+        schema = getattr(store, "schema")  # noqa: B009 - typed as the base class here
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    psycopg.sql.Identifier(schema)
+                )
+            )
+
+
+def store_rows(kind: str, calls: int, runs: int, agent_counts: list[int]) -> list[Row]:
+    rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for agents in agent_counts:
+        with tempfile.TemporaryDirectory(prefix="state-", dir=RESULTS) as tmp:
+            store = _new_store(kind, Path(tmp))
+            try:
+                if agents > 1:
+                    _POPULATE[kind](store, agents)
+                for sync, scenario in ((False, "async `make_spend`"), (True, "sync `@governed`")):
+                    bare, gov, over = _measure(
+                        _engine(store), agent="agent-1", calls=calls, runs=runs, sync=sync
+                    )
+                    target = _TARGET[kind] if agents == 1 else "flat"
+                    rows.append(
+                        Row(scenario, _LABEL[kind], agents, bare, gov, over, runs, calls, target)
+                    )
+            finally:
+                _drop(kind, store)
+    return rows
+
+
+# --- throughput: 50 concurrent tasks, one hot agent ---------------------------------------
+
+
+@dataclass
+class Throughput:
+    store: str
+    tasks: int
+    bare_per_s: float
+    governed_per_s: float
+    runs: int
+    calls_per_run: int
+    target: str
+
+
+def _rate(call: Callable[[], Awaitable[Any]], tasks: int, per_task: int) -> float:
+    async def run() -> float:
+        async def worker() -> None:
+            for _ in range(per_task):
+                await call()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+        return tasks * per_task / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+def throughput_row(kind: str, calls: int, runs: int, tasks: int = 50) -> Throughput:
+    with tempfile.TemporaryDirectory(prefix="state-", dir=RESULTS) as tmp:
+        store = (
+            LocalFileStateStore(Path(tmp) / "state.json")
+            if kind == "file"
+            else _new_store(kind, Path(tmp))
+        )
+        try:
+            engine = _engine(store)
+            spend = make_spend(engine, {"openai": _pay})
+
+            def governed() -> Awaitable[None]:
+                return spend(agent_id="agent-1", service="openai", amount_usd=1.0)  # type: ignore[no-any-return]
+
+            def bare() -> Awaitable[None]:
+                return _pay(amount_usd=1.0)
+
+            per_task = max(1, calls // tasks)
+            _rate(governed, tasks, max(1, per_task // 10))  # warm up connections
+            bares, governs = [], []
+            for _ in range(runs):
+                gc.collect()
+                bares.append(_rate(bare, tasks, per_task))
+                governs.append(_rate(governed, tasks, per_task))
+        finally:
+            if kind in _POPULATE:
+                _drop(kind, store)
+            else:
+                store.close()
+    target = {"redis": "≥ 8,000/s", "postgres": "≥ 3,000/s"}.get(kind, "")
+    label = {"memory": "memory", "file": "file (fsync)", **_LABEL}[kind]
+    return Throughput(
+        label,
+        tasks,
+        statistics.median(bares),
+        statistics.median(governs),
+        runs,
+        per_task * tasks,
+        target,
+    )
+
+
+def throughput_table(rows: list[Throughput]) -> str:
+    lines = [
+        "| store | concurrent tasks | bare executor | governed calls | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.store} | {r.tasks} | {r.bare_per_s:,.0f}/s | **{r.governed_per_s:,.0f}/s** "
+            f"| {r.target} |"
+        )
+    lines.append("")
+    lines.append(
+        "All tasks spend against **one hot agent** (the worst case: every call touches the "
+        f"same total), in one process, on loopback; median of {rows[0].runs} runs of "
+        f"{rows[-1].calls_per_run:,} calls, the bare executor timed in the same runs."
+    )
+    return "\n".join(lines)
+
+
 _FOOTPRINT = """
 import sys
 from decimal import Decimal
@@ -211,14 +429,13 @@ def table(rows: list[Row]) -> str:
         )
     lines.append("")
     lines.append(
-        f"Python {platform.python_version()} on {platform.machine()}, "
-        f"median of {rows[0].runs} runs per in-memory figure and {rows[-1].runs} per file "
-        "figure; one cumulative policy, one agent, every "
-        "call allowed, no audit hook. On the file store a reserve replaces `state.json` "
-        "(data and folder fsynced) and records the reservation in the small "
-        "`state.json.pending`; the commit only updates that sidecar. On the async path each "
-        "store operation runs in a worker thread (`asyncio.to_thread`), so the event loop "
-        "never blocks on the disk."
+        f"Python {platform.python_version()} on {platform.machine()}; each figure the median "
+        "of several interleaved runs (governed, then bare, back to back); one cumulative "
+        "policy, every call allowed, no audit hook. *flat*: the same call with "
+        f"{MILLION:,} other agents already recorded. On the file store a reserve replaces "
+        "`state.json` (data and folder fsynced). On SQLite a call is one `BEGIN IMMEDIATE` "
+        "transaction (WAL, `synchronous=NORMAL`); on Redis one Lua script call; on "
+        "PostgreSQL one statement: the commit rides on the next call's round trip."
     )
     return "\n".join(lines)
 
@@ -240,19 +457,36 @@ def main() -> None:
     # Many short runs, governed and bare back to back: a burst of noise on this shared VM
     # spoils a few runs, not the median.
     rows = memory_rows(calls=2_000 if args.quick else 10_000, runs=3 if args.quick else 31)
-    rows += file_rows(
-        calls=50 if args.quick else 200,
-        runs=3 if args.quick else 9,
-        agent_counts=[1, 1_000, 10_000],
-    )
-    totals = 100_000 if args.quick else 1_000_000
-    text = table(rows) + (
-        f"\n\nMemory: the in-memory store holds {totals:,} (dimension, agent) totals in "
+    many = 20_000 if args.quick else MILLION
+    runs = 3 if args.quick else 9
+    rows += store_rows("sqlite", calls=500 if args.quick else 3_000, runs=runs,
+                       agent_counts=[1, many])  # fmt: skip
+    rows += file_rows(calls=50 if args.quick else 200, runs=runs, agent_counts=[1, 1_000, 10_000])
+    rows += store_rows("redis", calls=200 if args.quick else 1_000, runs=runs,
+                       agent_counts=[1, many])  # fmt: skip
+    rows += store_rows("postgres", calls=100 if args.quick else 300, runs=runs,
+                       agent_counts=[1, many])  # fmt: skip
+    rates = [
+        throughput_row(kind, calls=1_000 if args.quick else 10_000, runs=3 if args.quick else 7)
+        for kind in ("memory", "sqlite", "file", "redis", "postgres")
+        if not (kind == "file" and args.quick)
+    ]
+    totals = 100_000 if args.quick else MILLION
+    text = (
+        table(rows)
+        + "\n\n**Throughput**, 50 concurrent tasks on one hot agent:\n\n"
+        + throughput_table(rates)
+        + f"\n\nMemory: the in-memory store holds {totals:,} (dimension, agent) totals in "
         f"{footprint_mb(totals):,.0f} MiB of resident memory (target ≤ 300 MB at 1,000,000)."
     )
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (RESULTS / "latest.json").write_text(
+        json.dumps(
+            {"per_call": [asdict(r) for r in rows], "throughput": [asdict(r) for r in rates]},
+            indent=2,
+        )
+    )
     if args.write_readme and not args.quick:
         write_readme(text)
 
