@@ -172,3 +172,115 @@ def test_the_url_comes_from_the_environment(
     record(url, KEY, "3")
     monkeypatch.setenv("LIMENEX_STATE_URL", url)
     assert json.loads(run("show", "--json"))[0]["total"] == "3"
+
+
+def test_adjust_reaches_the_total_the_engine_counts_however_the_subject_is_spelled(
+    url: str, tmp_path: Path
+) -> None:
+    """The help's own example subject has a space after the comma; the engine writes none."""
+    record(url, DAILY, "3")
+    log = ["--audit-log", str(tmp_path / "audit.jsonl")]
+    subject = '["agent-1", "bob@example.com"]'
+    out = run("adjust", "sends", subject, "-1", "--scope", "agent+recipient", "--window", "day",
+              "--reason", "r", "--url", url, *log)  # fmt: skip
+    assert out.strip().endswith("3 -> 2")
+    rows = json.loads(run("show", "--url", url, "--json"))
+    assert [(r["subject"], r["total"]) for r in rows] == [(DAILY.subject, "2")]  # no ghost key
+    (entry,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert entry["subject"] == DAILY.subject
+
+
+@pytest.mark.parametrize(
+    ("scope", "subject", "message"),
+    [
+        ("recipient+agent", '["bob@example.com","agent-1"]', "agent+recipient"),
+        ("agent+recipient", '["agent-1"]', "2 values"),
+        ("agent+recipient", "agent-1", "JSON array"),
+        ("agent+recipient", '["agent-1", 1.5]', "JSON array"),
+        ("global", "agent-1", "global"),
+        ("agent", "", "SUBJECT"),
+    ],
+)
+def test_adjust_refuses_a_key_no_policy_can_count(
+    scope: str, subject: str, message: str, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"
+    record(url, KEY, "30")
+    log = tmp_path / "audit.jsonl"
+    out = run("adjust", "spend_usd", subject, "5", "--scope", scope, "--reason", "r",
+              "--url", url, "--audit-log", str(log), ok=False)  # fmt: skip
+    assert message in out
+    assert not log.exists()
+    assert [r["total"] for r in json.loads(run("show", "--url", url, "--json"))] == ["30"]
+
+
+@pytest.mark.parametrize("delta", ["1e40", "0.0000000000000000001", "-1e40"])
+def test_adjust_refuses_a_delta_the_engine_could_not_count(delta: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"
+    record(url, KEY, "30")
+    log = tmp_path / "audit.jsonl"
+    out = run("adjust", "spend_usd", "agent-1", delta, "--reason", "r", "--url", url,
+              "--audit-log", str(log), ok=False)  # fmt: skip
+    assert "DELTA" in out
+    assert not log.exists()
+
+
+def test_adjust_and_reset_do_not_create_a_missing_store(tmp_path: Path) -> None:
+    """A mistyped --url (or the default one, run from the wrong folder) must not make a new
+    empty store and audit an adjustment of it."""
+    log = tmp_path / "audit.jsonl"
+    for url in (f"sqlite:///{tmp_path}/none.db", f"SQLITE:///{tmp_path}/none.db",
+                f"file://{tmp_path}/none.json"):  # fmt: skip
+        out = run("adjust", "spend_usd", "agent-1", "-5", "--reason", "r", "--url", url,
+                  "--audit-log", str(log), ok=False)  # fmt: skip
+        assert "no state store at" in out
+        assert "no state store at" in run("show", "--url", url, ok=False)
+        out = run("reset", "--yes", "--url", url, "--audit-log", str(log), ok=False)
+        assert "no state store at" in out
+    assert "three slashes" in run("show", "--url", "sqlite://relative.db", ok=False)
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["audit.jsonl"])
+    assert not log.exists() or log.read_text() == ""
+
+
+def test_adjust_and_reset_refuse_a_store_that_lives_in_one_process(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    out = run("adjust", "spend_usd", "agent-1", "5", "--reason", "r", "--url", "memory://",
+              "--audit-log", str(log), ok=False)  # fmt: skip
+    assert "memory://" in out
+    assert "memory://" in run("reset", "--yes", "--url", "memory://", "--audit-log", str(log),
+                              ok=False)  # fmt: skip
+    assert not log.exists() or log.read_text() == ""
+
+
+def test_reset_refuses_an_empty_dimension_name(tmp_path: Path) -> None:
+    """``--dimension ""`` asked "Forget EVERY total...?", reset nothing, and said it had."""
+    url = f"sqlite:///{tmp_path}/state.db"
+    record(url, KEY, "30")
+    log = tmp_path / "audit.jsonl"
+    out = run("reset", "--dimension", "", "--yes", "--url", url, "--audit-log", str(log),
+              ok=False)  # fmt: skip
+    assert "--dimension" in out
+    assert "forgot" not in out
+    assert not log.exists() or log.read_text() == ""
+    assert [r["total"] for r in json.loads(run("show", "--url", url, "--json"))] == ["30"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_an_audit_log_that_fails_after_the_change_says_the_change_was_made(
+    tmp_path: Path,
+) -> None:
+    """The log opens, but the write fails (disk full): the adjustment has happened, and the
+    operator must be told so plainly, not shown a traceback."""
+    url = f"sqlite:///{tmp_path}/state.db"
+    record(url, KEY, "30")
+    result = CliRunner().invoke(main, ["state", "adjust", "spend_usd", "agent-1", "-5",
+                                       "--reason", "r", "--url", url, "--audit-log",
+                                       "/dev/full"])  # fmt: skip
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "30 -> 25" in result.output
+    assert "NOT recorded in the audit log" in result.output
+    result = CliRunner().invoke(main, ["state", "reset", "--yes", "--url", url, "--audit-log",
+                                       "/dev/full"])  # fmt: skip
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "NOT recorded in the audit log" in result.output

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -408,6 +408,20 @@ def test_the_log_is_checkpointed_and_stays_small(store: SQLiteStateStore, path: 
     assert abs(float(stamp) - time.time()) < 60
 
 
+def test_a_quiet_store_fsyncs_its_log_about_a_second_after_a_write(
+    store: SQLiteStateStore,
+) -> None:
+    """``normal`` mode: one write, then silence; the syncer thread checkpoints it anyway."""
+    store.commit(reserved(store, spend("1")))
+    ran = statements(store)
+    started = time.monotonic()
+    while not any("wal_checkpoint" in sql for sql in ran):
+        assert time.monotonic() - started < 5, "the write was never synced"
+        time.sleep(0.05)
+    assert time.monotonic() - started >= sqlite_module.SYNC_AFTER / 2  # not before it was due
+    assert store._writes == 0
+
+
 async def test_async_calls_leave_checkpoints_to_a_worker_thread(
     store: SQLiteStateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -540,3 +554,141 @@ def test_a_forked_child_uses_its_own_connection(store: SQLiteStateStore) -> None
     assert child.exitcode == 0
     store.commit(reserved(store, spend("4")))  # the parent's connection still works
     assert store.peek([spend("0")], T0) == (Decimal(7),)
+
+
+def _in_child(job: Callable[[], None]) -> int:
+    """Run ``job`` in a forked child; its pid. The child never returns into pytest."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            job()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_parent_closing_after_a_fork_cannot_hide_the_childs_spend(
+    store: SQLiteStateStore, path: Path
+) -> None:
+    """The child's connection must hold its own locks: when the parent closes what was its
+    last connection, SQLite must not think the database unused and drop the log the child
+    still writes to (the next process would then miss the child's spend and overspend)."""
+    store.peek([spend("0")], T0)  # the parent's connection is open when it forks
+    (ready, tell), (wait, go) = os.pipe(), os.pipe()  # child -> parent, parent -> child
+
+    def child() -> None:
+        os.close(ready)
+        os.close(go)
+        store.commit(reserved(store, spend("1")))  # the child's own connection
+        os.write(tell, b"1")
+        os.read(wait, 1)  # the parent has closed its connection meanwhile
+        store.commit(reserved(store, spend("2")))
+        os.write(tell, b"2")
+        os.read(wait, 1)  # stays alive, connection open, until the parent has looked
+
+    pid = _in_child(child)
+    os.close(tell)  # so that a child that died reads as EOF here, not as a hang
+    os.close(wait)
+    try:
+        assert os.read(ready, 1) == b"1"
+        store.close()
+        os.write(go, b"g")
+        assert os.read(ready, 1) == b"2"
+        other = SQLiteStateStore(path)
+        try:
+            assert other.peek([spend("0")], T0) == (Decimal(3),)
+            assert isinstance(other.reserve([spend("98")], T0), StateBreach)  # 3 + 98 > 100
+        finally:
+            other.close()
+    finally:
+        os.close(go)  # the child's last read ends
+        os.close(ready)
+        assert _exit_code(pid) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_long_call_fails_closed_on_that_database(path: Path) -> None:
+    """When a connection cannot be closed before the fork (a call kept the store busy past
+    its timeout), the child refuses that database instead of sharing the connection's locks."""
+    store = SQLiteStateStore(path, timeout=0.0)
+    store.peek([spend("0")], T0)
+    taken, done = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        with store._lock:  # a call in progress on another thread
+            taken.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    taken.wait()
+
+    def child() -> None:
+        for make in (lambda: store, lambda: SQLiteStateStore(path)):
+            with pytest.raises(StateStoreError, match="forked"):
+                make().reserve([spend("1")], T0)
+
+    try:
+        pid = _in_child(child)
+    finally:
+        done.set()
+        thread.join()
+    assert _exit_code(pid) == 0
+    assert isinstance(store.reserve([spend("1")], T0), Reservation)  # the parent goes on
+    store.close()
+
+
+# --- failures are StateStoreErrors, never raw exceptions ---------------------------------------
+
+
+def test_text_sqlite_cannot_store_is_a_state_store_error_and_the_engine_blocks(
+    store: SQLiteStateStore,
+) -> None:
+    """An agent id with a lone surrogate (JSON "\\ud800" decodes to one) cannot be UTF-8."""
+    odd = Check(0, CounterKey("spend_usd", "agent", "a\ud800", ""), None, Decimal(1), "lte",
+                Decimal(5))  # fmt: skip
+    with pytest.raises(StateStoreError, match="cannot store this text"):
+        store.reserve([odd], T0)
+    ran: list[int] = []
+    with pytest.raises(BlockedError) as blocked:
+        _engine(store).execute_sync(
+            "finance.spend", "a\ud800", {"amount_usd": 1}, lambda: ran.append(1)
+        )
+    assert blocked.value.decision.fail_closed
+    assert isinstance(blocked.value.__cause__, StateStoreError)
+    assert ran == []
+    assert isinstance(store.reserve([spend("1")], T0), Reservation)  # the store goes on
+
+
+@pytest.mark.parametrize(
+    ("damage", "call"),
+    [
+        ("UPDATE pending SET more = '[1, 2'", "pending"),
+        ("UPDATE pending SET more = '[[1, 2]]'", "pending"),
+        ("UPDATE counters SET \"window\" = 'fortnight'", "totals"),
+        ("UPDATE counters SET total = 'lots'", "peek"),
+    ],
+)
+def test_a_damaged_row_is_reported_as_corrupt_state(
+    store: SQLiteStateStore, path: Path, damage: str, call: str
+) -> None:
+    other = CounterKey("spend_usd", "agent", "agent-2", "")
+    reserved(store, spend("1"), Check(0, other, None, Decimal(1), "lte", Decimal(5)))
+    with sqlite3.connect(path) as conn:
+        conn.execute(damage)
+    conn.close()
+    operation = {
+        "pending": lambda: store.pending(T0),
+        "totals": lambda: store.totals(T0),
+        "peek": lambda: store.peek([spend("0")], T0),
+    }[call]
+    with pytest.raises(CorruptStateError, match=str(path)):
+        operation()

@@ -63,9 +63,11 @@ def test_each_scheme_makes_its_store(
 
 
 def test_options_reach_the_store(tmp_path: Path, opened: list[StateStore]) -> None:
-    store = from_url(f"sqlite:///{tmp_path}/s.db?lease_seconds=7&synchronous=full")
+    store = from_url(f"sqlite:///{tmp_path}/s.db?lease_seconds=7&synchronous=full&timeout=0.5")
     opened.append(store)
     assert store.lease_seconds == 7.0
+    assert isinstance(store, SQLiteStateStore)
+    assert (store.synchronous, store.timeout) == ("full", 0.5)  # the lock wait is settable
     redis_store = from_url(f"{REDIS_URL}?prefix={RUN}:opt&lease_seconds=9")
     opened.append(redis_store)
     assert redis_store.lease_seconds == 9.0
@@ -168,3 +170,98 @@ def test_the_default_store_is_sqlite_beside_the_policy_file(
     other = PolicyEngine(policy_store=InMemoryPolicyStore.from_yaml(POLICY))
     other.close()
     assert (tmp_path / ".limenex" / "state.db").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # libpq and redis-py both take the password as a query parameter too
+        "postgresql://u@127.0.0.1/db?password=hunter2&prefix=x",
+        "redis://127.0.0.1:6379/0?password=hunter2&schema=x",
+        "postgresql://u@127.0.0.1/db?sslmode=require&sslpassword=hunter2&prefix=x",
+        # urlsplit cannot read the port: redacting must not fail (nor show the password)
+        "redis://u:hunter2@127.0.0.1:sixtythree/0?schema=x",
+    ],
+)
+def test_no_spelling_of_a_password_appears_in_a_message(url: str) -> None:
+    with pytest.raises(LimenexConfigError) as caught:
+        from_url(url)
+    assert "hunter2" not in str(caught.value), caught.value
+    assert "127.0.0.1" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u@h/db?password=hunter2&x=1", "postgresql://u@h/db?password=***&x=1"),
+        ("redis://h/0?x=1&password=hunter2", "redis://h/0?x=1&password=***"),
+        ("redis://u:hunter2@h:port/0", "redis://u:***@h:port/0"),
+        ("redis://u:hun#ter2@h/0", "redis://u:***@h/0"),  # '#' and '?' left unencoded
+        ("postgresql://u:hun?ter2@h/db", "postgresql://u:***@h/db"),
+        ("redis://:hunter2@h", "redis://:***@h"),
+        ("redis://h/0?prefix=a@b", "redis://h/0?prefix=a@b"),
+        ("redis://u@h/0", "redis://u@h/0"),
+        ("redis://:pw@h?password=hunter2", "redis://:***@h?password=***"),  # no path
+        ("not a url user:hunter2@h", "not a url user:***@h"),
+    ],
+)
+def test_redacted_hides_every_spelling_of_a_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"semantic_timeout": 0}, {"llm_evaluator": "not callable"}, {"audit_logger": 42}],
+)
+def test_a_refused_engine_opens_no_store_and_makes_no_file(
+    bad: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LimenexConfigError):
+        PolicyEngine(policy_store=InMemoryPolicyStore.from_yaml(POLICY), **bad)
+    with pytest.raises(LimenexConfigError):
+        PolicyEngine(InMemoryPolicyStore.from_yaml(POLICY), "sqlite:///url.db", **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "name", "sent", "ours"),
+    [
+        (
+            "postgresql://u@127.0.0.1/db?options=-c%20search_path%3Dx&schema=s&application_name=a+b",
+            "limenex.stores.postgres",
+            "PostgresStateStore",
+            "postgresql://u@127.0.0.1/db?options=-c%20search_path%3Dx&application_name=a+b",
+            {"schema": "s"},
+        ),
+        (
+            "redis://127.0.0.1:6379/0?prefix=p&client_name=a%20b&timeout=2",
+            "limenex.stores.redis",
+            "RedisStateStore",
+            "redis://127.0.0.1:6379/0?client_name=a%20b",
+            {"prefix": "p", "timeout": 2.0},
+        ),
+    ],
+)
+def test_the_drivers_query_parameters_reach_it_exactly_as_written(
+    url: str,
+    module: str,
+    name: str,
+    sent: str,
+    ours: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libpq reads '+' as '+' and '%20' as a space: re-encoding the query changed both
+    (``options=-c search_path=x`` reached the server as ``-c+search_path=x``)."""
+    import importlib
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    class Recorder(InMemoryStateStore):
+        def __init__(self, url: str, **options: Any) -> None:
+            super().__init__()
+            seen.append((url, options))
+
+    monkeypatch.setattr(importlib.import_module(module), name, Recorder)
+    from_url(url)
+    assert seen == [(sent, ours)]

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import click
 
 from limenex.core.errors import LimenexError
+from limenex.core.evaluation import to_decimal
 from limenex.core.state import Check, CounterKey, StateStore
 from limenex.core.window import Window
 
@@ -50,14 +51,23 @@ def _json_option(fn: F) -> F:
 
 
 @contextlib.contextmanager
-def _store(url: str, *, must_exist: bool = True) -> Iterator[StateStore]:
-    """Open the store; a file store that does not exist yet is not silently created."""
+def _store(url: str, *, must_exist: bool = True, changes: bool = False) -> Iterator[StateStore]:
+    """Open the store; a file store that does not exist yet is not silently created.
+
+    ``changes``: the command changes totals, which a ``memory://`` store would forget at once.
+    """
     from limenex.stores import from_url, redacted
 
     scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if changes and scheme == "memory":
+        raise click.ClickException(
+            "memory:// lives inside one process: there is nothing here to change"
+        )
     if must_exist and scheme in ("file", "sqlite"):
         path = rest.partition("?")[0]
-        path = path[1:] if scheme == "sqlite" else path
+        if scheme == "sqlite":  # sqlite:///relative.db; anything else is from_url's to refuse
+            path = path[1:] if path.startswith("/") else ""
         if path and not Path(path).exists():
             raise click.ClickException(f"no state store at {path} (nothing recorded yet?)")
     try:
@@ -158,13 +168,59 @@ def pending(url: str, as_json: bool) -> None:
 
 
 def _amount(text: str) -> Decimal:
+    """DELTA as the engine would count it: finite, below 1E+30, at most 18 decimal places."""
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise click.BadParameter(f"{text!r} is not a number", param_hint="DELTA") from None
-    if not value.is_finite():
-        raise click.BadParameter(f"{text!r} is not a finite number", param_hint="DELTA")
-    return value
+    try:
+        return to_decimal("DELTA", value)
+    except LimenexError as exc:
+        raise click.BadParameter(str(exc).replace("argument ", "", 1), param_hint="DELTA") from None
+
+
+def _subject(scope: str, subject: str) -> str:
+    """The subject as the engine spells it for ``scope``; refuse what no policy can count.
+
+    ``agent``: the agent id. ``global``: "". Any other scope: the sorted param names joined
+    by '+', the subject a JSON array of one string or integer per name, in that order, which
+    is written back compactly (``["agent-1","bob@example.com"]``), as the engine writes it.
+    """
+    if scope == "agent":
+        if not subject:
+            raise click.BadParameter("give the agent id", param_hint="SUBJECT")
+        return subject
+    if scope == "global":
+        if subject:
+            raise click.BadParameter(
+                f'the global scope has one total, whose subject is "", got {subject!r}',
+                param_hint="SUBJECT",
+            )
+        return ""
+    names = scope.split("+")
+    canonical = "+".join(sorted(set(names)))
+    if not all(names) or "global" in names or scope != canonical:
+        raise click.BadParameter(
+            f"{scope!r} is not a scope a policy counts by: use agent, global, or the scope's"
+            f" names sorted and joined by '+' ({canonical!r})",
+            param_hint="--scope",
+        )
+    try:
+        values = json.loads(subject)
+    except ValueError:
+        values = None
+    if type(values) is not list or not all(type(v) in (str, int) for v in values):
+        raise click.BadParameter(
+            f"for the scope {scope!r}, give a JSON array of its values, got {subject!r}",
+            param_hint="SUBJECT",
+        )
+    if len(values) != len(names):
+        raise click.BadParameter(
+            f"the scope {scope!r} needs {len(names)} values ({', '.join(names)}),"
+            f" got {len(values)}",
+            param_hint="SUBJECT",
+        )
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
 
 
 @state.command(context_settings={"ignore_unknown_options": True})  # DELTA may be -12.5
@@ -207,7 +263,9 @@ def adjust(
     """Add DELTA to a total (negative: a refund). Never below zero or the pending amounts.
 
     SUBJECT is the agent id for the agent scope, "" for global, and a JSON array of the
-    scope's values otherwise (["agent-1", "bob@example.com"]).
+    scope's values otherwise, in the order of the scope's sorted names
+    (--scope agent+recipient '["agent-1", "bob@example.com"]'). The store must exist: a
+    mistyped --url is refused, not made into a new, empty store.
     """
     amount = _amount(delta)
     if not reason.strip():
@@ -216,8 +274,10 @@ def adjust(
         window = Window.parse(window_spec) if window_spec else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--window") from None
-    key = CounterKey(dimension, scope, subject if scope != "global" else "", window_spec)
-    with _audit_log(audit_log) as append, _store(url, must_exist=False) as store:
+    if not dimension:
+        raise click.BadParameter("give the dimension", param_hint="DIMENSION")
+    key = CounterKey(dimension, scope, _subject(scope, subject), window_spec)
+    with _audit_log(audit_log) as append, _store(url, changes=True) as store:
         now = time.time()
         probe = Check(0, key, window, Decimal(0), "gte", Decimal(0))
         before = store.peek([probe], now)[0]
@@ -233,14 +293,12 @@ def adjust(
             "operator": _operator(),
             "store": _redacted(url),
         }
-        append(record)
-    if as_json:
-        click.echo(json.dumps(record, indent=2))
-    else:
-        click.echo(
+        done = (
             f"{dimension} [{scope} {key.subject or '(global)'}"
             f"{' ' + window_spec if window_spec else ''}]: {before} -> {after}"
         )
+        append(record, done)
+    click.echo(json.dumps(record, indent=2) if as_json else done)
 
 
 @state.command()
@@ -256,20 +314,27 @@ def adjust(
 @_url_option
 def reset(dimension: str | None, yes: bool, audit_log: str, url: str) -> None:
     """Forget totals and pending reservations (of one dimension, or all)."""
-    what = f"every total of {dimension!r}" if dimension else "EVERY total and pending reservation"
+    if dimension == "":
+        raise click.BadParameter(
+            "give a dimension's name, or leave it out", param_hint="--dimension"
+        )
+    what = (
+        f"every total of {dimension!r}"
+        if dimension is not None
+        else "EVERY total and pending reservation"
+    )
     if not yes:
         click.confirm(f"Forget {what} in {_redacted(url)}?", abort=True)
-    with _audit_log(audit_log) as append, _store(url) as store:
+    with _audit_log(audit_log) as append, _store(url, changes=True) as store:
         store.reset(dimension)
-        append(
-            {
-                "time": time.time(),
-                "event": "state.reset",
-                "dimension": dimension,
-                "operator": _operator(),
-                "store": _redacted(url),
-            }
-        )
+        record = {
+            "time": time.time(),
+            "event": "state.reset",
+            "dimension": dimension,
+            "operator": _operator(),
+            "store": _redacted(url),
+        }
+        append(record, f"forgot {what}")
     click.echo(f"forgot {what}")
 
 
@@ -300,10 +365,12 @@ def _operator() -> str:
 
 
 @contextlib.contextmanager
-def _audit_log(path: str) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """Open the audit log *before* the change, so a log we cannot write stops it first.
+def _audit_log(path: str) -> Iterator[Callable[[dict[str, Any], str], None]]:
+    """Open the audit log *before* the change, so a log we cannot open stops it first.
 
-    Yields a function that appends one JSON line and makes it durable.
+    Yields ``append(record, done)``: it appends one JSON line and makes it durable. If that
+    fails (a full disk), the change has happened all the same: the error says so, with
+    ``done`` (what changed) and the record, for the operator to log by hand.
     """
     target = Path(path)
     try:
@@ -312,9 +379,16 @@ def _audit_log(path: str) -> Iterator[Callable[[dict[str, Any]], None]]:
     except OSError as exc:
         raise click.ClickException(f"cannot open the audit log {path}: {exc}") from exc
 
-    def append(record: dict[str, Any]) -> None:
-        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
+    def append(record: dict[str, Any], done: str) -> None:
+        line = json.dumps(record, sort_keys=True)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        except OSError as exc:
+            raise click.ClickException(
+                f"{done}\nThe change WAS made but was NOT recorded in the audit log {path}"
+                f" ({exc}). Record it by hand:\n{line}"
+            ) from exc
 
     try:
         yield append

@@ -109,6 +109,13 @@ class PolicyEngine:
                 "policy_store must be a PolicyStore (e.g. LocalFilePolicyStore) or a path, "
                 f"got {type(policy_store).__name__}"
             )
+        if llm_evaluator is not None and not callable(llm_evaluator):
+            raise LimenexConfigError("llm_evaluator must be callable: (intent, rule) -> verdict")
+        if audit_logger is not None and not callable(audit_logger):
+            raise LimenexConfigError("audit_logger must be callable: (event, decision, params)")
+        if not semantic_timeout > 0:
+            raise LimenexConfigError("semantic_timeout must be a positive number of seconds")
+        # Last: a store opened (and a database file made) for a refused engine would leak.
         if state_store is None:
             state_store = _default_state_store(policy_store)
         elif isinstance(state_store, str):
@@ -119,12 +126,6 @@ class PolicyEngine:
             raise LimenexConfigError(
                 f"state_store must be a StateStore or a URL, got {type(state_store).__name__}"
             )
-        if llm_evaluator is not None and not callable(llm_evaluator):
-            raise LimenexConfigError("llm_evaluator must be callable: (intent, rule) -> verdict")
-        if audit_logger is not None and not callable(audit_logger):
-            raise LimenexConfigError("audit_logger must be callable: (event, decision, params)")
-        if not semantic_timeout > 0:
-            raise LimenexConfigError("semantic_timeout must be a positive number of seconds")
         self.policy_store = policy_store
         self.state_store = state_store
         self.llm_evaluator = llm_evaluator

@@ -52,7 +52,8 @@ The database runs in WAL mode: readers never block writers, nor writers readers.
 one process share one connection under a lock. A connection that finds the write lock taken
 waits for it, retrying with short sleeps, up to ``timeout`` seconds, then raises
 :class:`~limenex.core.errors.StateStoreError`. A process made by ``fork`` opens its own
-connection (SQLite connections must not cross a fork).
+connection: every connection is closed just before a fork (and reopened on use), since
+SQLite connections, even idle ones, must not cross a fork.
 
 Commits ride on the next transaction: :meth:`SQLiteStateStore.commit` only queues the
 reservation in a :class:`~limenex.core.state.CommitQueue`, and the next transaction of this
@@ -65,7 +66,9 @@ commit means.
 
 Every 500 write transactions, a connection copies the log into the database (a checkpoint,
 which fsyncs both files); SQLite's automatic checkpoint is turned off so that this happens
-after a call, not inside one.
+after a call, not inside one. With ``synchronous="normal"`` a background thread also
+checkpoints any store whose oldest unsynced write is ``SYNC_AFTER`` (1 s) old, so a quiet
+store's last calls are on disk within about a second, not only at its 500th write.
 
 The async methods run the transaction inline on the event loop when it can start at once
 (some 25 microseconds, less than a hop to a thread costs): they never wait for a lock there.
@@ -94,10 +97,15 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
-from decimal import Decimal
+from decimal import ConversionSyntax, Decimal
 from typing import Any, TypeVar
 
-from limenex.core.errors import CorruptStateError, LimenexConfigError, StateStoreError
+from limenex.core.errors import (
+    CorruptStateError,
+    LimenexConfigError,
+    LimenexError,
+    StateStoreError,
+)
 from limenex.core.state import (
     EXACT,
     OPERATORS,
@@ -122,6 +130,10 @@ PAGE_SIZE = 1024
 fsync costs what was written: 1 KiB pages make a call ~7 us cheaper than the default 4 KiB."""
 TABLES = frozenset({"counters", "entries", "pending", "meta"})
 CHECKPOINT_EVERY = 500
+SYNC_AFTER = 1.0
+"""With ``synchronous="normal"``, the longest a finished write waits for the fsync that makes
+it survive a power cut: a background thread checkpoints a store whose oldest unsynced write
+is this old, so a quiet store is not left unsynced until its 500th write."""
 """Write transactions of one connection between checkpoints: ~1,000 log pages, SQLite's own
 default, at two pages a call."""
 
@@ -247,12 +259,20 @@ Amount = tuple[CounterKey, str, "str | int | None"]
 """A pending amount: its counter, the amount as exact text, and its slot."""
 
 _stores: weakref.WeakSet[SQLiteStateStore] = weakref.WeakSet()
+_held_for_fork: list[threading.Lock] = []
+"""The locks of the stores whose connection was closed for a fork, held across it."""
 _abandoned: list[sqlite3.Connection] = []
 """Connections a forked child inherited: never used nor closed there (SQLite forbids it)."""
+_unsafe: set[str] = set()
+"""Databases this process must not open: it inherited an open connection to them (fork)."""
 
 
 class _Busy(Exception):
     """The write lock is taken and the caller asked not to wait for it."""
+
+
+class _Unreadable(ValueError):
+    """A stored row this module cannot decode (raised as a CorruptStateError)."""
 
 
 class SQLiteStateStore(StateStore):
@@ -262,10 +282,12 @@ class SQLiteStateStore(StateStore):
     (a file that cannot be used is reported by every call, so the engine blocks them).
 
     ``synchronous`` says what a finished call survives. ``"normal"`` (the default): a crash of
-    the process, never a torn file; but the log is fsynced only at checkpoints (every few
-    hundred calls), so a power cut or a crash of the operating system may lose the last
-    calls' totals, as if they had not happened. ``"full"``: a power cut too, at the price of
-    an fsync per transaction (a millisecond or more on most disks).
+    the process, never a torn file; the log is fsynced at checkpoints, after 500 write
+    transactions of a connection or, by a background thread, once a write has waited
+    ``SYNC_AFTER`` (1 s), so a power cut or a crash of the operating system may lose the
+    totals of about the last second of calls, as if they had not happened. ``"full"``: a
+    power cut too, at the price of an fsync per transaction (a millisecond or more on most
+    disks).
 
     ``timeout`` bounds, in seconds, how long a call waits for another connection's write
     lock. See the module docstring for the layout, the locking and the async behaviour.
@@ -300,10 +322,13 @@ class SQLiteStateStore(StateStore):
         self._buckets: dict[str, tuple[float, float, str]] = {}
         self._swept = -math.inf  # when (callers' time) a reserve last dropped expired records
         self._writes = 0  # write transactions since the last checkpoint
+        self._first_write = 0.0  # time.monotonic() of the first of them
         # With "full", every commit waits for an fsync: async calls always use a thread then.
         self._inline = mode == "normal"
         self._forked()
         _stores.add(self)
+        if mode == "normal":
+            _start_syncer()
         # Create (or check) the database now; a failure is raised again by every call.
         with contextlib.suppress(StateStoreError):
             self._transact(_nothing, read=True)
@@ -450,6 +475,10 @@ class SQLiteStateStore(StateStore):
                         raise
                     if write:
                         self._writes += 1
+                        if self._writes == 1:
+                            self._first_write = time.monotonic()
+                            if self._inline and _syncer_pid != os.getpid():  # a forked child
+                                _start_syncer()
                         if wait and self._writes >= CHECKPOINT_EVERY:
                             self._checkpoint_now()
                     return result
@@ -462,7 +491,35 @@ class SQLiteStateStore(StateStore):
                     deadline, delay = self._pause(deadline, delay)
                 except ArithmeticError as exc:
                     self._queue.put_back(queued)
+                    if (
+                        exc.args
+                        and isinstance(exc.args[0], list)
+                        and ConversionSyntax in exc.args[0]
+                    ):
+                        raise CorruptStateError(
+                            f"SQLite database {self.path} holds a number it cannot read."
+                            " The file was left as found: fix or move it."
+                        ) from exc
                     raise StateStoreError(f"cannot keep an exact total: {exc!r}") from exc
+                except _Unreadable as exc:
+                    self._queue.put_back(queued)
+                    raise CorruptStateError(
+                        f"SQLite database {self.path} holds {exc}. The file was left as found:"
+                        " fix or move it."
+                    ) from exc
+                except UnicodeEncodeError as exc:
+                    self._queue.put_back(queued)
+                    raise StateStoreError(
+                        f"SQLite database {self.path} cannot store this text ({exc})"
+                    ) from exc
+                except (LimenexError, _Busy):
+                    self._queue.put_back(queued)
+                    raise
+                except Exception as exc:  # never a raw exception to the caller
+                    self._queue.put_back(queued)
+                    raise StateStoreError(
+                        f"SQLite database {self.path} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
                 except BaseException:
                     self._queue.put_back(queued)
                     raise
@@ -474,6 +531,21 @@ class SQLiteStateStore(StateStore):
         with self._lock:
             if self._writes >= CHECKPOINT_EVERY and self._execute is not None:
                 self._checkpoint_now()
+
+    def _sync_if_stale(self, now: float) -> None:
+        """Checkpoint (which fsyncs the log) if a write has waited ``SYNC_AFTER`` for it.
+
+        Called by the syncer thread; it never waits for the store's lock: a store that is
+        busy is writing, and checkpoints on its own count or on the syncer's next round.
+        """
+        if not self._writes or now - self._first_write < SYNC_AFTER:
+            return
+        if self._lock.acquire(False):
+            try:
+                if self._writes and self._execute is not None:
+                    self._checkpoint_now()
+            finally:
+                self._lock.release()
 
     def _checkpoint_now(self) -> None:
         """Copy the log into the database, and start the log anew.
@@ -563,6 +635,11 @@ class SQLiteStateStore(StateStore):
     # --- opening: refuse what is not ours, create what is empty ---------------------------
 
     def _open(self) -> Execute:
+        if self.path in _unsafe:
+            raise StateStoreError(
+                f"SQLite database {self.path} cannot be used in this process: it was forked"
+                " while a connection to it was busy. Open the store after the fork."
+            )
         try:
             with open(self.path, "rb") as file:
                 header = file.read(100)
@@ -727,7 +804,7 @@ class SQLiteStateStore(StateStore):
         row = execute(_COUNTER, key).fetchone()
         if row is None:
             return
-        window = self._parsed(key.window)
+        window = self._stored(key.window)
         if window is None:
             execute(_SET_TOTAL, (*key, str(_minus(Decimal(row[0]), Decimal(amount)))))
         elif window.calendar:
@@ -826,7 +903,7 @@ class SQLiteStateStore(StateStore):
             'SELECT dimension, scope, subject, "window", total, period, head, seq FROM counters'
         ).fetchall():
             key = CounterKey(dimension, scope, subject, spec)
-            window = self._parsed(spec)
+            window = self._stored(spec)
             if window is None:
                 totals.append((key, Decimal(text)))
             elif window.calendar:
@@ -992,6 +1069,13 @@ class SQLiteStateStore(StateStore):
             window = self._windows[spec] = Window.parse(spec)
             return window
 
+    def _stored(self, spec: str) -> Window | None:
+        """:meth:`_parsed` for a window read from the database: invalid means unreadable."""
+        try:
+            return self._parsed(spec)
+        except ValueError as exc:
+            raise _Unreadable(f"a counter it cannot read ({exc})") from exc
+
     def _bucket(self, window: Window, now: float) -> str:
         """The calendar period containing ``now``, as ``Window.bucket`` names it."""
         cached = self._buckets.get(window.spec)
@@ -1047,7 +1131,10 @@ def _amounts(row: Sequence[Any]) -> list[Amount]:
     if dimension is not None:
         amounts.append((CounterKey(dimension, scope, subject, spec), amount, slot))
     if more:
-        amounts += [(CounterKey(d, s, j, w), a, t) for d, s, j, w, a, t in json.loads(more)]
+        try:
+            amounts += [(CounterKey(d, s, j, w), a, t) for d, s, j, w, a, t in json.loads(more)]
+        except (ValueError, TypeError) as exc:
+            raise _Unreadable(f"a pending record it cannot read ({exc})") from exc
     return amounts
 
 
@@ -1060,13 +1147,67 @@ def _columns(amounts: Sequence[Amount]) -> tuple[Any, ...]:
     return (*key, amount, slot, more)
 
 
+def _before_fork() -> None:
+    """Close every connection before a fork, holding each store's lock across it.
+
+    A child must not inherit an open connection, even one it never uses: SQLite's record of
+    the locks this process holds would be copied with it, so the child's own connection
+    would take none of them, and a parent closing its last connection would think the
+    database unused and drop the log the child still writes to. Each side reopens on use.
+    """
+    for store in list(_stores):
+        lock = store._lock
+        if lock.acquire(timeout=store.timeout + 1.0):  # a running transaction ends first
+            _held_for_fork.append(lock)
+            store._close_quietly()
+
+
+def _after_fork_in_parent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
 def _after_fork_in_child() -> None:
-    """A forked child must not use its parent's connections: each store opens its own."""
+    """A child starts every store afresh: its own lock, queue, ids, and connection.
+
+    A store whose connection could not be closed before the fork makes its database
+    unusable in the child (every call fails, so the engine blocks) rather than unsafe.
+    """
+    _held_for_fork.clear()
     for store in list(_stores):
         if store._conn is not None:
             _abandoned.append(store._conn)
+            _unsafe.add(store.path)
         store._conn = store._execute = None
         store._forked()
+
+
+_syncer_pid = 0
+"""The process whose syncer thread runs (a forked child starts its own)."""
+_syncer_lock = threading.Lock()
+
+
+def _start_syncer() -> None:
+    """Start this process's syncer thread, once (again in a forked child)."""
+    global _syncer_pid
+    if _syncer_pid == os.getpid():
+        return
+    with _syncer_lock:
+        if _syncer_pid == os.getpid():
+            return
+        _syncer_pid = os.getpid()
+        threading.Thread(target=_sync_stale_stores, name="limenex-sqlite-sync", daemon=True).start()
+
+
+def _sync_stale_stores() -> None:
+    """Every half ``SYNC_AFTER``: fsync the log of each store with an old unsynced write."""
+    pid = os.getpid()
+    while _syncer_pid == pid:
+        time.sleep(SYNC_AFTER / 2)
+        now = time.monotonic()
+        with contextlib.suppress(Exception):  # a failed checkpoint is retried next round
+            for store in list(_stores):
+                store._sync_if_stale(now)
 
 
 @atexit.register
@@ -1079,7 +1220,11 @@ def _send_queued_commits() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 # At the end: stores.py re-exports this module's class at its own end, so importing it at the

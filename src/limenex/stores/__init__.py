@@ -10,8 +10,9 @@
 
 Store options go in the query string and are taken out before the URL reaches the driver:
 ``lease_seconds`` (every store), ``synchronous=normal|full`` (SQLite), ``prefix`` (Redis key
-prefix), ``schema`` (PostgreSQL schema), ``connect_timeout`` and ``timeout`` (seconds;
-Redis and PostgreSQL). Any other query parameter of a Redis or PostgreSQL URL is the
+prefix), ``schema`` (PostgreSQL schema), ``timeout`` (seconds: how long an operation, or for
+SQLite a wait for another writer's lock, may take) and ``connect_timeout`` (seconds; Redis and
+PostgreSQL). Any other query parameter of a Redis or PostgreSQL URL is the
 driver's. An option a store does not take is refused, naming it.
 
 The Redis and PostgreSQL clients are optional: ``pip install 'limenex[redis]'`` or
@@ -21,9 +22,10 @@ The Redis and PostgreSQL clients are optional: ``pip install 'limenex[redis]'`` 
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from limenex.core.errors import LimenexConfigError
 from limenex.core.state import StateStore
@@ -35,23 +37,40 @@ _ALL_OPTIONS = ("lease_seconds", "synchronous", "prefix", "schema", "connect_tim
 
 
 def redacted(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    """``url`` with any password replaced by ``***``, for messages and logs.
+
+    Both spellings the drivers take: ``user:password@host`` and a query parameter whose name
+    ends in ``password`` (``?password=``, libpq's ``sslpassword``). The text is cut by hand,
+    not by ``urlsplit``: a URL it cannot read (a bad port, a ``#`` or ``?`` left unencoded
+    in the password) must be redacted too, never raise or show the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = rest.find("/")
+    authority, path = (rest, "") if end < 0 else (rest[:end], rest[end:])
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    return f"{scheme}{sep}{userinfo}{at}" + _QUERY_PASSWORD.sub(r"\1***", host + path)
+
+
+_QUERY_PASSWORD = re.compile(r"([?&;][^=&;#/]*password=)[^&;#]*", re.IGNORECASE)
 
 
 def _options(url: str, query: str, allowed: tuple[str, ...]) -> tuple[dict[str, Any], str]:
-    """Split a query string into our options (typed) and the rest (left for the driver)."""
+    """Split a query string into our options (typed) and the rest (left for the driver).
+
+    The rest is passed on exactly as written, never decoded and encoded again: libpq reads
+    ``+`` as a plus and ``%20`` as a space, where re-encoding would swap them.
+    """
     ours: dict[str, Any] = {}
     rest = []
-    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        raw_name, _, raw_value = piece.partition("=")
+        name, value = unquote_plus(raw_name), unquote_plus(raw_value)
         if name in ours:
             raise LimenexConfigError(f"state store URL {redacted(url)!r}: {name} given twice")
         if name in allowed:
@@ -71,8 +90,8 @@ def _options(url: str, query: str, allowed: tuple[str, ...]) -> tuple[dict[str, 
                 f"(it takes: {', '.join(allowed)})"
             )
         else:
-            rest.append((name, value))
-    return ours, urlencode(rest)
+            rest.append(piece)
+    return ours, "&".join(rest)
 
 
 def _plain_options(url: str, rest: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
@@ -107,7 +126,7 @@ def _sqlite(url: str, rest: str) -> StateStore:
     """``sqlite:///relative.db`` and ``sqlite:////absolute.db``, as SQLAlchemy spells them."""
     from limenex.core.stores import SQLiteStateStore
 
-    path, options = _plain_options(url, rest, ("lease_seconds", "synchronous"))
+    path, options = _plain_options(url, rest, ("lease_seconds", "synchronous", "timeout"))
     if not path.startswith("/"):
         raise LimenexConfigError(
             f"state store URL {url!r}: write sqlite:///relative/path.db or "
