@@ -137,6 +137,7 @@ class PolicyEngine:
         self._store_is_direct = type(state_store).areserve is StateStore.areserve
         self._loop_thread: _LoopThread | None = None
         self._loop_lock = threading.Lock()
+        self._orphans: set[asyncio.Future[None]] = set()
 
     # --- public API -----------------------------------------------------------------------
 
@@ -497,7 +498,11 @@ class PolicyEngine:
             return
         outcome = task.result()
         if type(outcome) is Reservation:
-            self._settle(outcome, release=True)
+            # On the loop, through the async release: a sync one could block the loop for the
+            # store's whole timeout. Held in a set so the task is not collected mid-way.
+            release = asyncio.ensure_future(self._asettle(outcome, release=True))
+            self._orphans.add(release)
+            release.add_done_callback(self._orphans.discard)
 
     async def _asettle(self, reservation: Reservation | None, *, release: bool) -> None:
         if reservation is None:
