@@ -149,8 +149,18 @@ def test_reset_asks_first_and_forgets_one_dimension_or_all(url: str, tmp_path: P
 
 def test_migrate_creates_the_schema_or_says_there_is_nothing_to_do(url: str) -> None:
     out = run("migrate", "--url", url)
-    assert "schema up to date" in out or "nothing to migrate" in out
+    networked = url.startswith("postgresql://")
+    assert ("schema up to date" in out) is networked
+    assert ("nothing to migrate" in out) is not networked
     assert run("migrate", "--url", url) == out  # idempotent
+    assert json.loads(run("migrate", "--url", url, "--json"))["migrated"] is networked
+
+
+def test_reset_speaks_json_too(url: str, tmp_path: Path) -> None:
+    record(url, KEY, "30")
+    out = run("reset", "--url", url, "--yes", "--json", "--audit-log", str(tmp_path / "a.jsonl"))
+    assert json.loads(out)["event"] == "state.reset"
+    assert json.loads(run("show", "--url", url, "--json")) == []
 
 
 def test_show_does_not_create_a_missing_file_store(tmp_path: Path) -> None:

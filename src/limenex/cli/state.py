@@ -312,7 +312,8 @@ def adjust(
     help="JSONL file the reset is appended to.",
 )
 @_url_option
-def reset(dimension: str | None, yes: bool, audit_log: str, url: str) -> None:
+@_json_option
+def reset(dimension: str | None, yes: bool, audit_log: str, url: str, as_json: bool) -> None:
     """Forget totals and pending reservations (of one dimension, or all)."""
     if dimension == "":
         raise click.BadParameter(
@@ -335,20 +336,24 @@ def reset(dimension: str | None, yes: bool, audit_log: str, url: str) -> None:
             "store": _redacted(url),
         }
         append(record, f"forgot {what}")
-    click.echo(f"forgot {what}")
+    click.echo(json.dumps(record, indent=2) if as_json else f"forgot {what}")
 
 
 @state.command()
 @_url_option
-def migrate(url: str) -> None:
+@_json_option
+def migrate(url: str, as_json: bool) -> None:
     """Create or upgrade the store's schema (PostgreSQL; other stores need nothing)."""
     with _store(url, must_exist=False) as store:
         upgrade = getattr(store, "migrate", None)
-        if upgrade is None:
-            click.echo(f"{type(store).__name__}: nothing to migrate")
-            return
-        upgrade()
-    click.echo(f"{_redacted(url)}: schema up to date")
+        if upgrade is not None:
+            upgrade()
+    if as_json:
+        click.echo(json.dumps({"store": _redacted(url), "migrated": upgrade is not None}))
+    elif upgrade is None:
+        click.echo(f"{type(store).__name__}: nothing to migrate")
+    else:
+        click.echo(f"{_redacted(url)}: schema up to date")
 
 
 def _redacted(url: str) -> str:
