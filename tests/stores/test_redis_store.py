@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -32,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from limenex.core.engine import BlockedError, PolicyEngine
-from limenex.core.errors import StateStoreError
+from limenex.core.errors import LimenexConfigError, StateStoreError
 from limenex.core.policy_store import InMemoryPolicyStore
 from limenex.core.state import EXACT, OPERATORS, Check, CounterKey, Reservation, StateBreach
 from limenex.core.stores import InMemoryStateStore
@@ -699,3 +700,74 @@ def test_a_forked_child_uses_its_own_connections(make: MakeRedis) -> None:
     assert child.exitcode == 0
     store.commit(reserved(store, [check()]))
     assert total(store, check()) == 3
+
+
+# --- review: defects found and fixed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["bogus=1", "ssl_cert_reqs=none"])
+def test_a_url_option_the_connection_does_not_take_is_refused_up_front(option: str) -> None:
+    """Such a URL made a store whose every call raised a raw ``TypeError`` from redis-py (not a
+    StateStoreError), dropping the queued commits it had taken: refused when it is made."""
+    with pytest.raises(LimenexConfigError, match=option.split("=")[0]):
+        RedisStateStore(f"{REDIS_URL}?{option}", prefix=f"{RUN}:t{uuid.uuid4().hex[:8]}")
+
+
+async def test_a_subject_the_client_cannot_send_fails_only_its_own_call_in_a_batch(
+    make: MakeRedis,
+) -> None:
+    """An agent id with a lone surrogate cannot be encoded: it failed the whole script call
+    its reservation rode in, so every other caller batched with it was refused too."""
+    store = make()
+    subjects = ["agent-a", "bad\ud800", "agent-c", "x" * 10_000 + "\ud800", "agent-e"]
+    outcomes = await asyncio.gather(
+        *(store.areserve([check("1", subject=subject)], T0) for subject in subjects),
+        return_exceptions=True,
+    )
+    assert [type(outcome) for outcome in outcomes] == [
+        Reservation,
+        StateStoreError,
+        Reservation,
+        StateStoreError,
+        Reservation,
+    ]
+    assert "cannot send the subject" in str(outcomes[1])
+    with pytest.raises(StateStoreError, match="cannot send the subject"):
+        store.reserve([check("1", subject="bad\ud800")], T0)
+    assert await store.apeek([check(subject="agent-c")], T0) == (Decimal(1),)
+    assert len(store.pending(T0)) == 3
+    await store.aclose()
+
+
+def test_event_loops_of_many_threads_use_one_store_at_once(make: MakeRedis) -> None:
+    """Each thread runs loops of its own (``asyncio.run``) on one store: a loop's first call
+    went through the store's loops while another thread added one, and failed with a raw
+    ``RuntimeError: dictionary changed size during iteration``."""
+    store = make()
+    spend = check("1", "lte", "1E+6")
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    async def once() -> None:
+        await store.acommit(await areserved(store, [spend]))
+
+    def loops() -> None:
+        start.wait()
+        for _ in range(25):
+            try:
+                asyncio.run(once())
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=loops) for _ in range(16)]
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert errors == []
+    assert total(store, spend) == 16 * 25

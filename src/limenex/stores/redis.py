@@ -948,6 +948,12 @@ class RedisStateStore(StateStore):
         # Async reads and writes are bounded by one deadline around the whole round trip
         # (cheaper than redis-py's per-read timeout and per-write task).
         self._async_options = {**async_options, **timeouts, "socket_timeout": None}
+        try:  # made, not connected: an option redis-py does not take fails here, not per call
+            self._sync_class(**self._sync_options)
+            self._async_class(**self._async_options)
+        except (TypeError, ValueError) as exc:
+            reason = str(exc).replace(self._password, "***") if self._password else str(exc)
+            raise LimenexConfigError(f"Redis URL option refused by the client: {reason}") from None
         self._key = "{" + prefix + "}:"
         self._route = self._key + "h"
         # Reservations of another store (server, database or prefix) are not ours to settle.
@@ -1178,13 +1184,26 @@ class RedisStateStore(StateStore):
             else:
                 known = ("r", "", str(window.seconds))
             known = (known[0], _table_id(key.dimension, key.scope, key.window), known[2])
+            self._sendable(known[1], "counter")
             if len(self._tables) > 4096:
                 self._tables.clear()
             self._tables[cache] = known
+        if not key.subject.isascii():
+            self._sendable(key.subject, "subject")
         kind, tid, extra = known
         if kind == "c":
             return kind, tid, self._bucket(Window.parse(extra), now)
         return known
+
+    def _sendable(self, text: str, what: str) -> None:
+        """Refuse text UTF-8 cannot carry (a lone surrogate) before it joins a batch: sent, it
+        would fail the script call of every operation batched with it."""
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise StateStoreError(
+                f"cannot send the {what} {text[:40]!r} to Redis at {self.server}: {exc.reason}"
+            ) from exc
 
     def _bucket(self, window: Window, now: float) -> str:
         """``window.bucket(now)``, remembered while ``now`` stays inside one period."""
@@ -1410,9 +1429,11 @@ class RedisStateStore(StateStore):
     # --- event loops ---------------------------------------------------------------------
 
     async def _new_side(self, loop: asyncio.AbstractEventLoop) -> _Side:
-        for other in [s for s in self._sides.values() if s.loop.is_closed()]:
+        with self._lock:  # loops of other threads add and drop theirs meanwhile
+            finished = [s for s in self._sides.values() if s.loop.is_closed()]
+            side = self._sides[loop] = _Side(loop)
+        for other in finished:
             self._close_side(other)  # a finished loop's connections: closed here, not leaked
-        side = self._sides[loop] = _Side(loop)
         watch = self._watch(side)
         side.watch = watch
         await watch.__anext__()
@@ -1434,8 +1455,9 @@ class RedisStateStore(StateStore):
 
     def _forget(self, side: _Side) -> None:
         side.closed = True
-        if self._sides.get(side.loop) is side:
-            del self._sides[side.loop]
+        with self._lock:
+            if self._sides.get(side.loop) is side:
+                del self._sides[side.loop]
         for _, future in side.queue:
             if not future.done():
                 future.set_exception(StateStoreError("the Redis store was closed"))
