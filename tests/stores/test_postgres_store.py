@@ -30,7 +30,7 @@ from psycopg.pq import Trace
 from limenex.core.errors import LimenexConfigError, StateStoreError
 from limenex.core.state import Check, CounterKey, Reservation, StateBreach
 from limenex.core.window import Window
-from limenex.stores.postgres import SCHEMA_VERSION, PostgresStateStore
+from limenex.stores.postgres import FUNCTIONS_DIGEST, SCHEMA_VERSION, PostgresStateStore
 from servers import POSTGRES_URL, RUN
 
 T0 = 1_773_144_000.0  # 2026-03-10T12:00:00Z
@@ -257,12 +257,48 @@ def test_concurrent_migrations_from_several_processes_make_the_schema_once(
     store = make_store()
     assert total(store, check(dimension="migrated")) == 4
     with admin() as conn:
-        version = conn.execute(in_schema(schema, "SELECT value FROM {}.meta")).fetchall()
+        version = conn.execute(
+            in_schema(schema, "SELECT value FROM {}.meta WHERE name = 'version'")
+        ).fetchall()
         reserve = f'"{schema}".reserve'
-        oid = conn.execute("SELECT %s::regproc::oid", (reserve,)).fetchone()
+        oid = conn.execute(
+            "SELECT xmin::text FROM pg_proc WHERE oid = %s::regproc", (reserve,)
+        ).fetchone()
         store.migrate()  # up to date: changes nothing, not even the functions
-        assert conn.execute("SELECT %s::regproc::oid", (reserve,)).fetchone() == oid
+        assert (
+            conn.execute(
+                "SELECT xmin::text FROM pg_proc WHERE oid = %s::regproc", (reserve,)
+            ).fetchone()
+            == oid
+        )
     assert version == [(str(SCHEMA_VERSION),)]
+
+
+def test_a_store_brings_functions_that_differ_from_its_own_up_to_date_on_first_use(
+    schema: str, make_store: Callable[..., PostgresStateStore]
+) -> None:
+    """Same version, other functions (an older build): the first call re-creates them."""
+    first = make_store()
+    first.commit(reserved(first, [check("1")]))
+    reserve = f'"{schema}".reserve'
+    with admin() as conn:
+        conn.execute(
+            in_schema(schema, "UPDATE {}.meta SET value = 'older' WHERE name = 'functions'")
+        )
+        before = conn.execute(
+            "SELECT xmin::text FROM pg_proc WHERE oid = %s::regproc", (reserve,)
+        ).fetchone()
+    second = make_store()
+    assert total(second, check()) == 1  # its first call checks the schema
+    with admin() as conn:
+        digest = conn.execute(
+            in_schema(schema, "SELECT value FROM {}.meta WHERE name = 'functions'")
+        ).fetchone()
+        after = conn.execute(
+            "SELECT xmin::text FROM pg_proc WHERE oid = %s::regproc", (reserve,)
+        ).fetchone()
+    assert digest == (FUNCTIONS_DIGEST,)
+    assert after != before  # re-created
 
 
 def test_the_schema_is_made_on_first_use(
@@ -656,3 +692,145 @@ def test_a_forked_child_gets_connections_and_ids_of_its_own(
     assert len({mine.id, *ids}) == 4
     store.commit(reserved(store, [check("1")]))  # the parent's pool still works
     assert total(store, check()) == 5
+
+
+# --- review: defects found and fixed ------------------------------------------------------------
+
+
+def test_a_loop_that_ends_without_aclose_is_not_held_by_a_hung_server(
+    make_store: Callable[..., PostgresStateStore],
+) -> None:
+    """A server that accepts connections and never answers (a SIGSTOPped one): the call fails
+    in time, and so does ``asyncio.run`` that made it, though nobody called ``aclose``.
+
+    psycopg_pool's workers take the cancellation ``asyncio.run`` sends them at shutdown, while
+    they are connecting, for a failed connect, and then wait for more work: the loop waited
+    for them for ever.
+    """
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # connections complete in the backlog; nothing ever answers
+        port = listener.getsockname()[1]
+        store = make_store(f"postgresql://postgres@127.0.0.1:{port}/test", timeout=1.0)
+        failures: list[BaseException] = []
+
+        async def use() -> None:
+            with pytest.raises(StateStoreError, match=f"127.0.0.1:{port}"):
+                await store.areserve([check()], T0)
+
+        def run() -> None:
+            try:
+                asyncio.run(use())
+            except BaseException as exc:  # reported by the test below
+                failures.append(exc)
+
+        started = time.monotonic()
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+        runner.join(timeout=20)
+        assert not runner.is_alive(), "asyncio.run never returned: the loop hangs on exit"
+        assert failures == []
+        assert time.monotonic() - started < 12
+
+
+def test_short_event_loops_of_many_threads_all_end(
+    make_store: Callable[..., PostgresStateStore],
+) -> None:
+    """As above, with a live server under load: a loop that ended while its pool was still
+    opening a connection never returned from ``asyncio.run``."""
+    store = make_store(max_connections=4)
+    calls = check("1", "1E+6", dimension="calls")
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    async def once() -> None:
+        outcome = await store.areserve([calls], T0)
+        assert isinstance(outcome, Reservation), outcome
+        await store.acommit(outcome)
+
+    def loops() -> None:
+        start.wait()
+        for _ in range(12):
+            try:
+                asyncio.run(once())
+            except BaseException as exc:  # reported by the test below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=loops, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    for thread in threads:
+        thread.join(timeout=max(deadline - time.monotonic(), 0))
+    assert not any(thread.is_alive() for thread in threads), "an asyncio.run never returned"
+    assert errors == []
+    assert total(store, calls) == 8 * 12
+
+
+@pytest.mark.parametrize("op", ["lt", "lte", "gt", "gte"])
+def test_a_nan_limit_is_never_held(make_store: Callable[..., PostgresStateStore], op: str) -> None:
+    """PostgreSQL sorts NaN above every number, so ``total <= NaN`` was true: an ALLOW where
+    Python's Decimal (and so the reference store) refuses to compare."""
+    store = make_store()
+    spend = Check(0, check().key, None, Decimal("5"), op, Decimal("NaN"))
+    with pytest.raises(StateStoreError, match="NaN"):
+        store.reserve([spend], T0)
+    assert total(store, check()) == 0
+    assert store.pending(T0) == []
+
+
+async def test_a_subject_the_server_cannot_store_fails_only_its_own_call_in_a_batch(
+    loop_store: PostgresStateStore,
+) -> None:
+    """A NUL byte (PostgreSQL text cannot hold it) or a lone surrogate (no encoding has it) in
+    an agent id failed the whole statement, so every reservation batched with it was refused."""
+    store = loop_store
+    subjects = ["agent-a", "bad\x00", "agent-c", "bad\ud800", "agent-e"]
+    outcomes = await asyncio.gather(
+        *(store.areserve([check("1", subject=subject)], T0) for subject in subjects),
+        return_exceptions=True,
+    )
+    assert [type(outcome) for outcome in outcomes] == [
+        Reservation,
+        StateStoreError,
+        Reservation,
+        StateStoreError,
+        Reservation,
+    ]
+    assert await store.apeek([check(subject="agent-c")], T0) == (Decimal(1),)
+    assert len(await asyncio.to_thread(store.pending, T0)) == 3
+
+
+def test_peeks_do_not_read_the_same_expired_entries_again_and_again(
+    schema: str, make_store: Callable[..., PostgresStateStore]
+) -> None:
+    """``peek`` (the engine's dry run, and its path for a call refused before the store) read
+    a rolling key's expired entries on every call until some reserve pruned them: its cost
+    grew with the key's history. Now the first peek prunes them, as a reserve would."""
+    store = make_store()
+    spend = check("1", "1E+6", window="10s")
+    for n in range(200):
+        store.commit(reserved(store, [spend], T0 + n * 0.01))
+
+    def entries() -> int:
+        with admin() as conn:
+            row = conn.execute(in_schema(schema, "SELECT count(*) FROM {}.entries")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    assert entries() == 200
+    assert total(store, spend, T0 + 10.995) == 100  # those recorded at T0 + 1.00 ... + 1.99
+    assert entries() == 100  # pruned: the next peek starts at the first live entry
+    assert store.peek([spend], T0 + 30) == (0,)
+    assert entries() == 0
+    # A counter a reserve holds is read, not waited for (nor locked out of lock order).
+    for n in range(5):
+        store.commit(reserved(store, [spend], T0 + 40 + n))
+    with admin() as blocker:
+        blocker.autocommit = False
+        blocker.execute(in_schema(schema, "SELECT 1 FROM {}.counters FOR UPDATE"))
+        started = time.monotonic()
+        assert total(store, spend, T0 + 52) == 2
+        assert time.monotonic() - started < 1.0
+        blocker.rollback()
+    assert entries() == 5

@@ -24,11 +24,12 @@ same arithmetic in Python for a dry run): a sum that would need more raises "can
 exact total" and changes nothing, never rounds. A calendar counter keeps the
 period its total belongs to (``Window.bucket`` computed in Python from the engine's clock;
 the server's clock is never read). A rolling counter keeps the running sum of its entries
-and the time of its oldest one, ``head_at``: a reserve prunes the expired head only when
-``head_at + secs <= now``, so pruning is amortised (each entry is deleted once) and a key
-whose head is live costs no read of its entries at all. A pending record lists, for each
-amount, the counter, where the amount went (nothing, the calendar period, or the rolling
-entry's ``seq``) and the amount, which is what a release undoes.
+and the time of its oldest one, ``head_at``: a reserve (or a peek, unless a reserve holds the
+row) prunes the expired head only when ``head_at + secs <= now``, so pruning is amortised
+(each entry is deleted once) and a key whose head is live costs no read of its entries.
+A pending record lists, for each amount, the counter, where the amount went (nothing, the
+calendar period, or the rolling entry's ``seq``) and the amount, which is what a release
+undoes.
 
 Atomicity and concurrency
 -------------------------
@@ -86,6 +87,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import math
@@ -488,10 +490,12 @@ CREATE OR REPLACE FUNCTION {s}.peek(
     p_commits text[], p_now double precision,
     k_dim text[], k_scope text[], k_subject text[], k_win text[], k_bucket text[]
 ) RETURNS numeric[] LANGUAGE plpgsql AS $$
--- Each counter's total at p_now, changing no total.
+-- Each counter's total at p_now, changing no total. A rolling counter whose head has expired
+-- is pruned, as a reserve would (else every peek would read those entries again), unless a
+-- transaction holds its row: then it is only read, so a peek never waits for a lock.
 DECLARE
     v_out numeric[] := '{}'; v_r record; v_e record; v_k integer; v_sum numeric;
-    v_val numeric;
+    v_val numeric; v_total numeric; v_at double precision;
 BEGIN
     IF cardinality(p_commits) > 0 THEN
         DELETE FROM {s}.pending WHERE id = ANY (p_commits);
@@ -509,7 +513,19 @@ BEGIN
                           ELSE 0 END;
         ELSIF v_r.head_at + v_r.secs > p_now THEN
             v_val := v_r.total;
-        ELSE  -- what pruning the expired head would leave
+        ELSE
+            SELECT c.total, c.head_at INTO v_total, v_at FROM {s}.counters c
+             WHERE c.id = v_r.id FOR UPDATE SKIP LOCKED;
+            IF FOUND THEN
+                IF v_at + v_r.secs <= p_now THEN
+                    SELECT p.total, p.head INTO v_total, v_at
+                      FROM {s}.prune(v_r.id, v_r.secs, p_now, v_total) p;
+                    UPDATE {s}.counters SET total = v_total, head_at = v_at WHERE id = v_r.id;
+                END IF;
+                v_out := v_out || coalesce(v_total, 0);
+                CONTINUE;
+            END IF;
+            -- held by a reserve: what pruning the expired head would leave
             v_val := 0;
             v_sum := 0;
             FOR v_e IN SELECT e.at, e.amount FROM {s}.entries e
@@ -710,6 +726,9 @@ BEGIN
 END $$;
 """
 
+FUNCTIONS_DIGEST = hashlib.sha256(_FUNCTIONS.encode()).hexdigest()[:16]
+"""Kept in ``meta``: a schema whose functions differ from this module's gets them again."""
+
 _MIGRATIONS: dict[int, str] = {1: _TABLES}
 """The DDL that takes the schema from version ``n - 1`` to ``n`` (the functions follow)."""
 
@@ -877,6 +896,15 @@ class _AsyncPool(AsyncConnectionPool[_AsyncConnection]):
     ) -> _AsyncConnection:
         try:
             conn = await super()._connect(timeout)
+        except asyncio.CancelledError:
+            # The worker connecting is cancelled: its loop shuts down (asyncio.run cancels every
+            # task, then waits for them all). psycopg_pool's worker takes that for a failed
+            # connect and waits for more work, for ever (a hung server keeps it connecting for
+            # up to connect_timeout). Cancelled again, it ends at that wait.
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+            raise
         except Exception as exc:
             self.failure = _Failure(time.monotonic(), exc)
             raise
@@ -1037,6 +1065,15 @@ def _parse(text: str, items: Sequence[_Item]) -> list[Reservation | StateBreach]
     return outcomes
 
 
+def _utf8(text: str) -> bool:
+    """Whether UTF-8 can carry ``text`` (not when it holds an unpaired surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _positive(name: str, value: float) -> float:
     if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
         raise LimenexConfigError(f"{name} must be a positive number, got {value!r}")
@@ -1092,6 +1129,7 @@ class PostgresStateStore(StateStore):
                 "underscores, not starting with a digit or pg_"
             )
         self.schema = schema
+        self._schema_checked = False  # migrate() ran once for this store: version and functions
         if not isinstance(dsn, str):
             raise LimenexConfigError(
                 f"the PostgreSQL DSN must be a string, got {type(dsn).__name__}"
@@ -1138,6 +1176,11 @@ class PostgresStateStore(StateStore):
         self._sql_pending = query("SELECT * FROM {s}.pending_list(%s::text[], %s)")
         self._sql_reset = query("SELECT {s}.reset(%s::text[], %s)")
         self._sql_version = query("SELECT value FROM {s}.meta WHERE name = 'version'")
+        self._sql_digest = query("SELECT value FROM {s}.meta WHERE name = 'functions'")
+        self._sql_set_digest = query(
+            "INSERT INTO {s}.meta VALUES ('functions', %s) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+        )
         self._sql_set_version = query(
             "INSERT INTO {s}.meta VALUES ('version', %s) "
             "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
@@ -1289,6 +1332,9 @@ class PostgresStateStore(StateStore):
             key = check.key
             if check.op not in OPERATORS:
                 raise StateStoreError(f"unknown operator {check.op!r}")
+            # Decimal refuses to order NaN; PostgreSQL sorts it above every number (an ALLOW).
+            if check.limit.is_nan() and (check.op not in ("eq", "neq") or check.limit.is_snan()):
+                raise StateStoreError(f"cannot compare a total with the limit {check.limit}")
             if key in keys:  # a key named again: its first amount counts, once
                 item.checks.append((keys.index(key), check.op, check.limit))
                 continue
@@ -1299,6 +1345,12 @@ class PostgresStateStore(StateStore):
                 raise StateStoreError(f"amount {amount} is not a finite, non-negative number")
             if key[0] == RESERVED:
                 raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
+            for text in key:  # refused here, not in a batch where it would fail the others too
+                if "\x00" in text or not (text.isascii() or _utf8(text)):
+                    raise StateStoreError(
+                        f"PostgreSQL at {self.where} cannot store the counter name "
+                        f"{text[:40]!r}: it holds a NUL or an unpaired surrogate"
+                    )
             secs, bucket = self._kind(self._window(key, check.window), now)
             item.checks.append((len(keys), check.op, check.limit))
             keys.append(key)
@@ -1469,11 +1521,16 @@ class PostgresStateStore(StateStore):
                     f"PostgreSQL at {self.where}: schema {self.schema!r} is at version "
                     f"{version}, made by a newer Limenex (this one knows {SCHEMA_VERSION})"
                 )
-            if version < SCHEMA_VERSION:
+            digest = None
+            if version == SCHEMA_VERSION:
+                value = conn.execute(self._sql_digest).fetchone()
+                digest = value[0] if value is not None else None
+            if version < SCHEMA_VERSION or digest != FUNCTIONS_DIGEST:
                 for step in range(version + 1, SCHEMA_VERSION + 1):
                     conn.execute(_MIGRATIONS[step].replace("{s}", q).encode())
                 conn.execute(_FUNCTIONS.replace("{s}", q).encode())
                 conn.execute(self._sql_set_version, (str(SCHEMA_VERSION),))
+                conn.execute(self._sql_set_digest, (FUNCTIONS_DIGEST,))
 
     # --- connections and errors ---------------------------------------------------------------
 
@@ -1499,6 +1556,9 @@ class PostgresStateStore(StateStore):
         A broken connection is replaced and, with ``retry`` (the operation is idempotent),
         the operation sent again; a deadlock is retried; a missing schema is made (``make``).
         """
+        if make and not self._schema_checked:
+            self.migrate()  # once per store: creates, upgrades, or only checks the version
+            self._schema_checked = True
         attempts = 0
         while True:
             attempts += 1
@@ -1718,6 +1778,9 @@ class _AsyncSide:
     ) -> _T:
         """:meth:`PostgresStateStore._call` for asyncio."""
         store = self.store
+        if not store._schema_checked:
+            await asyncio.to_thread(store.migrate)  # once per store, as on the sync path
+            store._schema_checked = True
         attempts = 0
         while True:
             attempts += 1
