@@ -81,7 +81,6 @@ import select
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Context, Decimal
 from typing import Any, Final
 
@@ -95,6 +94,7 @@ from limenex.core.state import (
     StateBreach,
     StateStore,
 )
+from limenex.core.stores import _period
 from limenex.core.window import Window
 
 try:
@@ -809,24 +809,6 @@ def _bound(op: str, limit: Decimal) -> tuple[str, str]:
     return ("lte" if op in ("lt", "lte") else "gt"), _fixed(floor, limit=True)
 
 
-def _period_bounds(unit: str, now: float) -> tuple[float, float]:
-    """The ``[start, end)`` epoch seconds of the UTC calendar period containing ``now``."""
-    moment = datetime.fromtimestamp(now, UTC)
-    start = moment.replace(minute=0, second=0, microsecond=0)
-    if unit == "hour":
-        return start.timestamp(), (start + timedelta(hours=1)).timestamp()
-    start = start.replace(hour=0)
-    if unit == "day":
-        end = start + timedelta(days=1)
-    elif unit == "week":
-        start -= timedelta(days=start.weekday())
-        end = start + timedelta(days=7)
-    else:
-        start = start.replace(day=1)
-        end = (start + timedelta(days=32)).replace(day=1)
-    return start.timestamp(), end.timestamp()
-
-
 def _table_id(dimension: str, scope: str, window: str) -> str:
     return f"{len(dimension)}:{dimension}{len(scope)}:{scope}{len(window)}:{window}"
 
@@ -1211,7 +1193,7 @@ class RedisStateStore(StateStore):
         if cached is not None and cached[0] < now < cached[1]:
             return cached[2]
         name = window.bucket(now)
-        start, end = _period_bounds(window.spec, now)
+        start, end = _period(window.spec, now)
         # A microsecond clear of the edges, where Window.bucket's own rounding decides.
         self._buckets[window.spec] = (start + 1e-6, end - 1e-6, name)
         return name
