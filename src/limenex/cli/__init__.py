@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from limenex.cli.audit import audit
 from limenex.cli.state import state
 from limenex.cli.validate import schema, validate
 
@@ -23,3 +24,4 @@ def main() -> None:
 main.add_command(validate)
 main.add_command(schema)
 main.add_command(state)
+main.add_command(audit)

@@ -1,0 +1,134 @@
+"""``limenex audit tail|verify``: read and check the hash-chained audit log.
+
+Both take ``--path`` (default ``.limenex/audit.log``, the file an
+``AuditLog(JsonlSink(...))`` writes) and ``--json``. ``verify`` exits 0 only when every
+record is intact and chained; otherwise it names the first broken line on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from limenex.audit import AuditError, read_tail, verify
+
+__all__ = ["audit"]
+
+DEFAULT_PATH = ".limenex/audit.log"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _path_option(fn: F) -> F:
+    return click.option(
+        "--path",
+        default=DEFAULT_PATH,
+        show_default=True,
+        type=click.Path(dir_okay=True),
+        help="The audit log (JSONL, one record per line).",
+    )(fn)
+
+
+def _json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+def _plural(n: int) -> str:
+    return f"{n} record" if n == 1 else f"{n} records"
+
+
+@click.group()
+def audit() -> None:
+    """Read the audit log and check that no record was edited, dropped or reordered."""
+
+
+@audit.command()
+@_path_option
+@click.option("-n", "--lines", "count", default=20, show_default=True, type=click.IntRange(0))
+@_json_option
+def tail(path: str, count: int, as_json: bool) -> None:
+    """The last records, oldest first (not verified: run `limenex audit verify` for that)."""
+    if not Path(path).exists():
+        raise click.ClickException(f"no audit log at {path} (nothing recorded yet?)")
+    try:
+        lines = read_tail(path, count)
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
+    records: list[dict[str, Any] | None] = []
+    for _, raw in lines:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        records.append(data if isinstance(data, dict) else None)
+    if as_json:
+        out = [
+            r if r is not None else {"unreadable": raw.decode("utf-8", "replace")}
+            for r, (_, raw) in zip(records, lines, strict=True)
+        ]
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    if not lines:
+        click.echo("no records")
+        return
+    for record, (_, raw) in zip(records, lines, strict=True):
+        click.echo(_line(record) if record is not None else f"?  unreadable: {raw!r}")
+
+
+def _line(record: dict[str, Any]) -> str:
+    """``#seq time event verdict skill agent: reason`` on one line."""
+    parts = [
+        f"#{record.get('seq', '?')}",
+        str(record.get("time", "?")),
+        str(record.get("event", "?")),
+        str(record.get("verdict", "?")),
+        str(record.get("skill_id", "?")),
+        str(record.get("agent_id", "?")),
+    ]
+    reason = record.get("reason")
+    text = "  ".join(parts)
+    return f"{text}: {reason}" if reason else text
+
+
+@audit.command(name="verify")
+@_path_option
+@_json_option
+def verify_command(path: str, as_json: bool) -> None:
+    """Check every record's hash and its link to the one before; exit 1 at the first break."""
+    if not Path(path).exists():
+        _fail(as_json, f"✗ No audit log at {path}", {"error": f"no audit log at {path}"})
+    try:
+        result = verify(path)
+    except AuditError as exc:
+        _fail(as_json, f"✗ {exc}", {"error": str(exc)})
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": result.ok,
+                    "count": result.count,
+                    "first_bad_line": result.first_bad_line,
+                    "why": result.why,
+                    "head": result.head,
+                },
+                indent=2,
+            )
+        )
+        if not result.ok:
+            raise click.exceptions.Exit(1)
+        return
+    if not result.ok:
+        click.echo(f"✗ Audit log broken at line {result.first_bad_line}: {result.why}", err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"✓ Audit log intact — {_plural(result.count)}")
+
+
+def _fail(as_json: bool, text: str, data: dict[str, Any]) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"ok": False, **data}, indent=2))
+    else:
+        click.echo(text, err=True)
+    raise click.exceptions.Exit(1)
