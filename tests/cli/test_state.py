@@ -6,6 +6,7 @@ import json
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -45,6 +46,12 @@ def record(url: str, key: CounterKey, amount: str, *, commit: bool = True) -> Re
         store.close()
 
 
+def flat(line: str) -> dict[str, Any]:
+    """An audit record's fields, with its params and extra lifted to the top."""
+    record = json.loads(line)
+    return {**record, **record["params"], **record["extra"]}
+
+
 def run(*args: str, ok: bool = True) -> str:
     result = CliRunner().invoke(main, ["state", *args])
     assert (result.exit_code == 0) is ok, result.output
@@ -82,11 +89,11 @@ def test_pending_lists_reservations_still_running(url: str) -> None:
 
 def test_adjust_refunds_with_a_reason_and_appends_an_audit_record(url: str, tmp_path: Path) -> None:
     record(url, KEY, "30")
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     out = run("adjust", "spend_usd", "agent-1", "-12.5", "--reason", "refund #42",
               "--url", url, "--audit-log", str(log))  # fmt: skip
     assert out.strip() == "spend_usd [agent agent-1]: 30 -> 17.5"
-    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    (entry,) = [flat(line) for line in log.read_text().splitlines()]
     assert entry["event"] == "state.adjusted"
     assert (entry["before"], entry["delta"], entry["after"]) == ("30", "-12.5", "17.5")
     assert entry["reason"] == "refund #42"
@@ -101,7 +108,7 @@ def test_adjust_refunds_with_a_reason_and_appends_an_audit_record(url: str, tmp_
 
 def test_adjust_refuses_bad_input_and_changes_nothing(url: str, tmp_path: Path) -> None:
     record(url, KEY, "30")
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     base = ["--url", url, "--audit-log", str(log)]
     assert "give the reason" in run("adjust", "spend_usd", "agent-1", "-1", "--reason", " ",
                                     *base, ok=False)  # fmt: skip
@@ -123,7 +130,7 @@ def test_an_unwritable_audit_log_stops_the_adjustment_before_it_happens(
     record(url, KEY, "30")
     (tmp_path / "a-file").write_text("")
     out = run("adjust", "spend_usd", "agent-1", "-5", "--reason", "r", "--url", url,
-              "--audit-log", str(tmp_path / "a-file" / "audit.jsonl"), ok=False)  # fmt: skip
+              "--audit-log", str(tmp_path / "a-file" / "audit.log"), ok=False)  # fmt: skip
     assert "cannot open the audit log" in out
     assert [r["total"] for r in json.loads(run("show", "--url", url, "--json"))] == ["30"]
 
@@ -131,7 +138,7 @@ def test_an_unwritable_audit_log_stops_the_adjustment_before_it_happens(
 def test_reset_asks_first_and_forgets_one_dimension_or_all(url: str, tmp_path: Path) -> None:
     record(url, KEY, "30")
     record(url, DAILY, "2")
-    log = ["--audit-log", str(tmp_path / "audit.jsonl")]
+    log = ["--audit-log", str(tmp_path / "audit.log")]
     out = CliRunner().invoke(main, ["state", "reset", "--url", url, *log], input="n\n")
     assert out.exit_code == 1
     assert "Aborted" in out.output
@@ -142,8 +149,8 @@ def test_reset_asks_first_and_forgets_one_dimension_or_all(url: str, tmp_path: P
     ]
     run("reset", "--url", url, "--yes", *log)
     assert run("show", "--url", url).strip() == "no totals recorded"
-    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    events = [json.loads(line)["event"] for line in lines]
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    events = [flat(line)["event"] for line in lines]
     assert events == ["state.reset", "state.reset"]
 
 
@@ -189,14 +196,14 @@ def test_adjust_reaches_the_total_the_engine_counts_however_the_subject_is_spell
 ) -> None:
     """The help's own example subject has a space after the comma; the engine writes none."""
     record(url, DAILY, "3")
-    log = ["--audit-log", str(tmp_path / "audit.jsonl")]
+    log = ["--audit-log", str(tmp_path / "audit.log")]
     subject = '["agent-1", "bob@example.com"]'
     out = run("adjust", "sends", subject, "-1", "--scope", "agent+recipient", "--window", "day",
               "--reason", "r", "--url", url, *log)  # fmt: skip
     assert out.strip().endswith("3 -> 2")
     rows = json.loads(run("show", "--url", url, "--json"))
     assert [(r["subject"], r["total"]) for r in rows] == [(DAILY.subject, "2")]  # no ghost key
-    (entry,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    (entry,) = [flat(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert entry["subject"] == DAILY.subject
 
 
@@ -216,7 +223,7 @@ def test_adjust_refuses_a_key_no_policy_can_count(
 ) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
     record(url, KEY, "30")
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     out = run("adjust", "spend_usd", subject, "5", "--scope", scope, "--reason", "r",
               "--url", url, "--audit-log", str(log), ok=False)  # fmt: skip
     assert message in out
@@ -228,7 +235,7 @@ def test_adjust_refuses_a_key_no_policy_can_count(
 def test_adjust_refuses_a_delta_the_engine_could_not_count(delta: str, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
     record(url, KEY, "30")
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     out = run("adjust", "spend_usd", "agent-1", delta, "--reason", "r", "--url", url,
               "--audit-log", str(log), ok=False)  # fmt: skip
     assert "DELTA" in out
@@ -238,7 +245,7 @@ def test_adjust_refuses_a_delta_the_engine_could_not_count(delta: str, tmp_path:
 def test_adjust_and_reset_do_not_create_a_missing_store(tmp_path: Path) -> None:
     """A mistyped --url (or the default one, run from the wrong folder) must not make a new
     empty store and audit an adjustment of it."""
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     for url in (f"sqlite:///{tmp_path}/none.db", f"SQLITE:///{tmp_path}/none.db",
                 f"file://{tmp_path}/none.json"):  # fmt: skip
         out = run("adjust", "spend_usd", "agent-1", "-5", "--reason", "r", "--url", url,
@@ -248,12 +255,12 @@ def test_adjust_and_reset_do_not_create_a_missing_store(tmp_path: Path) -> None:
         out = run("reset", "--yes", "--url", url, "--audit-log", str(log), ok=False)
         assert "no state store at" in out
     assert "three slashes" in run("show", "--url", "sqlite://relative.db", ok=False)
-    assert [p.name for p in tmp_path.iterdir()] in ([], ["audit.jsonl"])
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["audit.log"])
     assert not log.exists() or log.read_text() == ""
 
 
 def test_adjust_and_reset_refuse_a_store_that_lives_in_one_process(tmp_path: Path) -> None:
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     out = run("adjust", "spend_usd", "agent-1", "5", "--reason", "r", "--url", "memory://",
               "--audit-log", str(log), ok=False)  # fmt: skip
     assert "memory://" in out
@@ -266,7 +273,7 @@ def test_reset_refuses_an_empty_dimension_name(tmp_path: Path) -> None:
     """``--dimension ""`` asked "Forget EVERY total...?", reset nothing, and said it had."""
     url = f"sqlite:///{tmp_path}/state.db"
     record(url, KEY, "30")
-    log = tmp_path / "audit.jsonl"
+    log = tmp_path / "audit.log"
     out = run("reset", "--dimension", "", "--yes", "--url", url, "--audit-log", str(log),
               ok=False)  # fmt: skip
     assert "--dimension" in out
@@ -294,3 +301,16 @@ def test_an_audit_log_that_fails_after_the_change_says_the_change_was_made(
                                        "/dev/full"])  # fmt: skip
     assert isinstance(result.exception, SystemExit), result.exception
     assert "NOT recorded in the audit log" in result.output
+
+
+def test_adjustments_and_resets_chain_into_a_log_that_verifies(url: str, tmp_path: Path) -> None:
+    from limenex.audit import verify
+
+    record(url, KEY, "30")
+    log = tmp_path / "audit.log"
+    run("adjust", "spend_usd", "agent-1", "-1", "--reason", "r", "--url", url,
+        "--audit-log", str(log))  # fmt: skip
+    run("reset", "--url", url, "--yes", "--audit-log", str(log))
+    result = verify(log)
+    assert result.ok, result
+    assert result.count == 2

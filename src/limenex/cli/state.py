@@ -7,12 +7,14 @@ as exact decimal strings, never as floats.
 
 ``adjust`` is the operator's way to refund or correct a total (agents never can): it needs
 a ``--reason``, and appends a record of who changed what, from which total to which, to the
-audit log (``--audit-log``, default ``.limenex/audit.jsonl``) before it prints.
+hash-chained audit log (``--audit-log``, default ``.limenex/audit.log``, the one
+``limenex audit verify`` checks) before it prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import getpass
 import json
 import os
@@ -32,7 +34,7 @@ from limenex.core.window import Window
 __all__ = ["state"]
 
 DEFAULT_URL = "sqlite:///.limenex/state.db"
-DEFAULT_AUDIT_LOG = ".limenex/audit.jsonl"
+DEFAULT_AUDIT_LOG = ".limenex/audit.log"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -245,7 +247,7 @@ def _subject(scope: str, subject: str) -> str:
     default=DEFAULT_AUDIT_LOG,
     show_default=True,
     type=click.Path(dir_okay=False),
-    help="JSONL file the adjustment is appended to.",
+    help="The audit log the adjustment is appended to.",
 )
 @_url_option
 @_json_option
@@ -309,7 +311,7 @@ def adjust(
     default=DEFAULT_AUDIT_LOG,
     show_default=True,
     type=click.Path(dir_okay=False),
-    help="JSONL file the reset is appended to.",
+    help="The audit log the reset is appended to.",
 )
 @_url_option
 @_json_option
@@ -371,31 +373,48 @@ def _operator() -> str:
 
 @contextlib.contextmanager
 def _audit_log(path: str) -> Iterator[Callable[[dict[str, Any], str], None]]:
-    """Open the audit log *before* the change, so a log we cannot open stops it first.
+    """Check the audit log can be written *before* the change, so that one we cannot write
+    stops it first.
 
-    Yields ``append(record, done)``: it appends one JSON line and makes it durable. If that
+    Yields ``append(fields, done)``: it appends one hash-chained record to the same log the
+    engine writes (``limenex audit verify`` checks both) and makes it durable. ``fields`` go
+    in the record's ``params``, except ``event``, ``reason`` and ``operator``. If the append
     fails (a full disk), the change has happened all the same: the error says so, with
     ``done`` (what changed) and the record, for the operator to log by hand.
     """
+    from limenex.audit import AuditError, AuditRecord, JsonlSink
+
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
     except OSError as exc:
         raise click.ClickException(f"cannot open the audit log {path}: {exc}") from exc
+    sink = JsonlSink(target)
 
-    def append(record: dict[str, Any], done: str) -> None:
-        line = json.dumps(record, sort_keys=True)
+    def append(fields: dict[str, Any], done: str) -> None:
+        params = {
+            k: v for k, v in fields.items() if k not in ("event", "reason", "operator", "time")
+        }
+        record = AuditRecord(
+            time=datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+            event=str(fields["event"]),
+            skill_id="",
+            agent_id="",
+            params=json.loads(json.dumps(params)),
+            verdict="",
+            reason=str(fields.get("reason", done)),
+            extra={"operator": fields.get("operator", "")},
+        )
         try:
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)
-        except OSError as exc:
+            sink.append(record)
+        except AuditError as exc:
             raise click.ClickException(
                 f"{done}\nThe change WAS made but was NOT recorded in the audit log {path}"
-                f" ({exc}). Record it by hand:\n{line}"
+                f" ({exc}). Record it by hand:\n{json.dumps(fields, sort_keys=True)}"
             ) from exc
 
     try:
         yield append
     finally:
-        os.close(fd)
+        sink.close()
