@@ -109,6 +109,7 @@ from limenex.core.errors import (
 from limenex.core.state import (
     EXACT,
     OPERATORS,
+    RESERVED_DIMENSION,
     Check,
     CommitQueue,
     CounterKey,
@@ -116,6 +117,7 @@ from limenex.core.state import (
     Reservation,
     StateBreach,
     StateStore,
+    counter_window,
 )
 from limenex.core.window import Window
 
@@ -739,7 +741,7 @@ class SQLiteStateStore(StateStore):
             key, amount = check.key, check.amount
             if amount.is_signed() or not amount.is_finite():  # cheaper than ``< 0``
                 _checked(amount)
-            if check.window is None and not key[3] and key[0] != RESERVED:
+            if check.window is None and not key[3] and key[0] != RESERVED_DIMENSION:
                 # A total without a window, inline: the hottest path of all.
                 row = execute(_COUNTER, key).fetchone()
                 total = _ZERO if row is None else Decimal(row[0])
@@ -1046,20 +1048,8 @@ class SQLiteStateStore(StateStore):
     # --- helpers --------------------------------------------------------------------------
 
     def _window(self, key: CounterKey, window: Window | None) -> Window | None:
-        """``key``'s window, checked as the reference's tables check it."""
-        if key[0] == RESERVED:
-            raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
-        spec = key[3]
-        if window is None:
-            if not spec:
-                return None
-            try:
-                window = self._parsed(spec)
-            except ValueError as exc:
-                raise StateStoreError(f"counter {key}: {exc}") from exc
-        if window is None or window.spec != spec:
-            raise StateStoreError(f"counter {key} does not match its window {window}")
-        return window
+        """``key``'s window, checked as every store checks it (parsed specs cached)."""
+        return counter_window(key, window, self._parsed)
 
     def _parsed(self, spec: str) -> Window | None:
         """``Window.parse`` with a cache (``None`` for no window); ``ValueError`` if invalid."""
@@ -1230,7 +1220,6 @@ if hasattr(os, "register_at_fork"):
 # At the end: stores.py re-exports this module's class at its own end, so importing it at the
 # top would find stores.py half-initialised when this module is imported first.
 from limenex.core.stores import (  # noqa: E402
-    RESERVED,
     _adjusted,
     _checked,
     _lease,

@@ -43,11 +43,13 @@ from decimal import (
 )
 from typing import Any, NamedTuple
 
+from limenex.core.errors import StateStoreError
 from limenex.core.window import Window
 
 __all__ = [
     "EXACT",
     "OPERATORS",
+    "RESERVED_DIMENSION",
     "Check",
     "CommitQueue",
     "CounterKey",
@@ -96,6 +98,35 @@ class CounterKey(NamedTuple):
     scope: str
     subject: str
     window: str
+
+
+RESERVED_DIMENSION = "__limenex__"
+"""No counter may use this dimension name (the file store keeps its own tables under it)."""
+
+
+def counter_window(
+    key: CounterKey,
+    window: Window | None,
+    parse: Callable[[str], Window | None] = Window.parse,
+) -> Window | None:
+    """``key``'s window, checked as every store checks it; ``StateStoreError`` if it is wrong.
+
+    The dimension must not be :data:`RESERVED_DIMENSION`; ``window`` (or, when ``None``, the
+    window parsed from ``key.window`` with ``parse``, which a store may cache) must be the
+    one ``key.window`` names.
+    """
+    if key.dimension == RESERVED_DIMENSION:
+        raise StateStoreError(f"{RESERVED_DIMENSION!r} is reserved and cannot name a dimension")
+    if window is None:
+        if not key.window:
+            return None
+        try:
+            window = parse(key.window)
+        except ValueError as exc:
+            raise StateStoreError(f"counter {key}: {exc}") from exc
+    if window is None or window.spec != key.window:
+        raise StateStoreError(f"counter {key} does not match its window {window}")
+    return window
 
 
 class Check(NamedTuple):

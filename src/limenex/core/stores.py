@@ -115,12 +115,14 @@ from limenex.core.errors import CorruptStateError, LimenexConfigError, StateStor
 from limenex.core.state import (
     EXACT,
     OPERATORS,
+    RESERVED_DIMENSION,
     Check,
     CounterKey,
     PendingReservation,
     Reservation,
     StateBreach,
     StateStore,
+    counter_window,
     run_blocking,
 )
 from limenex.core.window import Window
@@ -132,7 +134,7 @@ except ImportError:  # pragma: no cover - Windows has no flock
 
 __all__ = ["InMemoryStateStore", "LocalFileStateStore", "SQLiteStateStore", "StateStore"]
 
-RESERVED = "__limenex__"
+RESERVED = RESERVED_DIMENSION
 """The state file's top-level key for everything beyond the seed layout."""
 SIDECAR = ".pending"
 """The suffix of the file beside the state file that holds the pending reservations."""
@@ -506,15 +508,7 @@ class _Rolling(_Table):
 
 
 def _new_table(key: CounterKey, window: Window | None) -> _Table:
-    if key.dimension == RESERVED:
-        raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
-    if window is None and key.window:
-        try:
-            window = Window.parse(key.window)
-        except ValueError as exc:
-            raise StateStoreError(f"counter {key}: {exc}") from exc
-    if (window.spec if window else "") != key.window:
-        raise StateStoreError(f"counter {key} does not match its window {window}")
+    window = counter_window(key, window)
     if window is None:
         return _Totals()
     if window.calendar:

@@ -112,6 +112,7 @@ from limenex.core.state import (
     Reservation,
     StateBreach,
     StateStore,
+    counter_window,
 )
 from limenex.core.window import CALENDAR_UNITS, Window
 
@@ -133,8 +134,6 @@ __all__ = ["SCHEMA_VERSION", "PostgresStateStore"]
 SCHEMA_VERSION = 1
 """The version of the tables and functions this module makes and uses."""
 
-RESERVED = "__limenex__"
-"""A dimension name no store accepts (the file store keeps its own data under it)."""
 
 _LOCK_CLASS = 0x4C4D4E58  # "LMNX": the advisory lock class that serialises migrations
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -1236,8 +1235,6 @@ class PostgresStateStore(StateStore):
     ) -> Decimal:
         if not isinstance(delta, Decimal) or not delta.is_finite():
             raise StateStoreError(f"amount {delta} is not a finite number")
-        if key[0] == RESERVED:
-            raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
         secs, bucket = self._kind(self._window(key, window), now)
         row = self._send(
             self._sql_adjust,
@@ -1343,8 +1340,6 @@ class PostgresStateStore(StateStore):
                 not amount.is_finite() or amount < 0
             ):
                 raise StateStoreError(f"amount {amount} is not a finite, non-negative number")
-            if key[0] == RESERVED:
-                raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
             for text in key:  # refused here, not in a batch where it would fail the others too
                 if "\x00" in text or not (text.isascii() or _utf8(text)):
                     raise StateStoreError(
@@ -1360,20 +1355,13 @@ class PostgresStateStore(StateStore):
         return item
 
     def _window(self, key: CounterKey, window: Window | None) -> Window | None:
-        """The window of ``key``; StateStoreError if ``window`` does not match it."""
-        spec = key[3]
-        if window is not None:
-            if window.spec != spec:
-                raise StateStoreError(f"counter {key} does not match its window {window}")
-            return window
-        if not spec:
-            return None
+        """The window of ``key``, checked as every store checks it (parsed specs cached)."""
+        return counter_window(key, window, self._parsed)
+
+    def _parsed(self, spec: str) -> Window:
         found = self._windows.get(spec)
         if found is None:
-            try:
-                found = self._windows[spec] = Window.parse(spec)
-            except ValueError as exc:
-                raise StateStoreError(f"counter {key}: {exc}") from exc
+            found = self._windows[spec] = Window.parse(spec)
         return found
 
     def _kind(self, window: Window | None, now: float) -> tuple[int, str | None]:

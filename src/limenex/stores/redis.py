@@ -93,6 +93,7 @@ from limenex.core.state import (
     Reservation,
     StateBreach,
     StateStore,
+    counter_window,
 )
 from limenex.core.stores import _period
 from limenex.core.window import Window
@@ -117,7 +118,6 @@ except ImportError:  # pragma: no cover - the extra installs hiredis
 
 __all__ = ["LUA_DECIMAL", "RedisStateStore"]
 
-RESERVED = "__limenex__"
 SCALE: Final = 18
 """Decimal places kept exactly."""
 MAX_DIGITS: Final = 96
@@ -1150,15 +1150,7 @@ class RedisStateStore(StateStore):
         cache = (key.dimension, key.scope, key.window, window)
         known = self._tables.get(cache)
         if known is None:
-            if key.dimension == RESERVED:
-                raise StateStoreError(f"{RESERVED!r} is reserved and cannot name a dimension")
-            if window is None and key.window:
-                try:
-                    window = Window.parse(key.window)
-                except ValueError as exc:
-                    raise StateStoreError(f"counter {key}: {exc}") from exc
-            if (window.spec if window else "") != key.window:
-                raise StateStoreError(f"counter {key} does not match its window {window}")
+            window = counter_window(key, window)
             if window is None:
                 known = ("p", "", "")
             elif window.calendar:
