@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]  # JsonlSink refuses to write then
 
 __all__ = [
+    "DEFAULT_PATH",
     "GENESIS",
     "REDACTED",
     "AuditError",
@@ -68,6 +69,9 @@ __all__ = [
     "verify",
     "verify_lines",
 ]
+
+DEFAULT_PATH = ".limenex/audit.log"
+"""Where the CLI reads and writes the audit log unless told otherwise."""
 
 GENESIS = "0" * 64
 """The ``prev`` of the first record of a chain."""

@@ -14,11 +14,10 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from limenex.audit import AuditError, read_tail, verify
+from limenex.audit import DEFAULT_PATH, AuditError, read_tail, verify
 
 __all__ = ["audit"]
 
-DEFAULT_PATH = ".limenex/audit.log"
 F = TypeVar("F", bound=Callable[..., Any])
 
 

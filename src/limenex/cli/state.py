@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import click
 
+from limenex.audit import DEFAULT_PATH as DEFAULT_AUDIT_LOG
 from limenex.core.errors import LimenexError
 from limenex.core.evaluation import to_decimal
 from limenex.core.state import Check, CounterKey, StateStore
@@ -34,7 +35,6 @@ from limenex.core.window import Window
 __all__ = ["state"]
 
 DEFAULT_URL = "sqlite:///.limenex/state.db"
-DEFAULT_AUDIT_LOG = ".limenex/audit.log"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -45,6 +45,16 @@ def _url_option(fn: F) -> F:
         default=DEFAULT_URL,
         show_default=True,
         help="The state store (memory://, file://, sqlite:///, redis://, postgresql://).",
+    )(fn)
+
+
+def _audit_log_option(fn: F) -> F:
+    return click.option(
+        "--audit-log",
+        default=DEFAULT_AUDIT_LOG,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="The hash-chained audit log the change is appended to.",
     )(fn)
 
 
@@ -242,13 +252,7 @@ def _subject(scope: str, subject: str) -> str:
     help="The policy's window (24h, day...); empty for a plain total.",
 )
 @click.option("--reason", required=True, help="Why: recorded in the audit log.")
-@click.option(
-    "--audit-log",
-    default=DEFAULT_AUDIT_LOG,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="The audit log the adjustment is appended to.",
-)
+@_audit_log_option
 @_url_option
 @_json_option
 def adjust(
@@ -306,13 +310,7 @@ def adjust(
 @state.command()
 @click.option("--dimension", help="Only this dimension (default: everything).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option(
-    "--audit-log",
-    default=DEFAULT_AUDIT_LOG,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="The audit log the reset is appended to.",
-)
+@_audit_log_option
 @_url_option
 @_json_option
 def reset(dimension: str | None, yes: bool, audit_log: str, url: str, as_json: bool) -> None:
