@@ -24,6 +24,7 @@ from limenex.approvals import (
     SQLiteApprovalStore,
     canonical_json,
     canonical_params,
+    decimal_paths,
     fingerprint,
     request_from_decision,
 )
@@ -152,8 +153,19 @@ def test_canonical_params_give_a_stable_fingerprint() -> None:
         '{"a":1.5,"b":{"x":"é","y":["0.10",{"a":"1000","z":1}]}}'
     )
     assert fingerprint("s", "a", one) == fingerprint("s", "a", two)
-    # Canonical data is canonical already: the stored params give the same fingerprint.
-    assert fingerprint("s", "a", canonical_params(one)) == fingerprint("s", "a", one)
+    # A decimal and its text are different actions; the kept request gives the decimals back.
+    assert fingerprint("s", "a", canonical_params(one)) != fingerprint("s", "a", one)
+    assert decimal_paths(one) == (("b", "y", 0), ("b", "y", 1, "a"))
+    kept = dataclasses.replace(
+        new_request(), params=canonical_params(one), decimals=decimal_paths(one)
+    )
+    back = ApprovalRequest.from_dict(kept.to_dict()).call_params()
+    assert back == {
+        "a": 1.5,
+        "b": {"x": "é", "y": [Decimal("0.10"), {"a": Decimal("1000"), "z": 1}]},
+    }
+    assert str(back["b"]["y"][0]) == "0.10"
+    assert fingerprint("s", "a", back) == fingerprint("s", "a", one)
     # Any difference in skill, agent or params changes it.
     assert fingerprint("s", "a", one) != fingerprint("s2", "a", one)
     assert fingerprint("s", "a", one) != fingerprint("s", "a2", one)

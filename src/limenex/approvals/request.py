@@ -4,8 +4,11 @@ An :class:`ApprovalRequest` is an immutable value. Its ``params`` are *canonical
 mappings with string keys (kept sorted), lists, strings, booleans, ``None``, ``int`` and
 finite ``float``; a :class:`~decimal.Decimal` becomes its exact text (``Decimal("1.10")`` →
 ``"1.10"``, never rounded, and never the same text as ``Decimal("1.1")``: a fingerprint that
-differs refuses, which is the safe side). The ``fingerprint`` is the SHA-256 of the canonical
-JSON text of ``{"agent_id", "params", "skill_id"}``: a resumed call must present the same one.
+differs refuses, which is the safe side). Where each decimal was is kept in ``decimals`` (its
+path of keys and list positions), so :meth:`ApprovalRequest.call_params` gives the executor
+``Decimal("1.10")`` back, not text. The ``fingerprint`` is the SHA-256 of the canonical JSON
+text of ``{"agent_id", "decimals", "params", "skill_id"}``: a resumed call must present the
+same one.
 
 The status machine::
 
@@ -42,6 +45,7 @@ __all__ = [
     "ApprovalStoreError",
     "canonical_json",
     "canonical_params",
+    "decimal_paths",
     "fingerprint",
     "new_request_id",
     "request_from_decision",
@@ -120,6 +124,7 @@ class ApprovalRequest:
     reason: str
     created_at: float
     expires_at: float
+    decimals: tuple[tuple[str | int, ...], ...] = ()
     status: ApprovalStatus = ApprovalStatus.PENDING
     decided_by: str | None = None
     decided_at: float | None = None
@@ -145,6 +150,7 @@ class ApprovalRequest:
             "reason": self.reason,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
+            "decimals": [list(path) for path in self.decimals],
             "status": self.status.value,
             "decided_by": self.decided_by,
             "decided_at": self.decided_at,
@@ -166,6 +172,7 @@ class ApprovalRequest:
             reason=str(data["reason"]),
             created_at=float(data["created_at"]),
             expires_at=float(data["expires_at"]),
+            decimals=_paths(data.get("decimals") or ()),
             status=ApprovalStatus(data["status"]),
             decided_by=None if data["decided_by"] is None else str(data["decided_by"]),
             decided_at=None if data["decided_at"] is None else float(data["decided_at"]),
@@ -173,8 +180,46 @@ class ApprovalRequest:
             used_at=None if data.get("used_at") is None else float(data["used_at"]),
         )
 
+    def call_params(self) -> dict[str, Any]:
+        """The params as the call had them: every decimal (see ``decimals``) a ``Decimal`` again."""
+        params: Any = json.loads(canonical_json(self.params))  # a deep copy
+        for path in self.decimals:
+            holder = params
+            for part in path[:-1]:
+                holder = holder[part]
+            holder[path[-1]] = Decimal(holder[path[-1]])
+        return dict(params)
+
 
 _LIVE = frozenset({ApprovalStatus.PENDING, ApprovalStatus.APPROVED})
+
+
+def _paths(value: Any) -> tuple[tuple[str | int, ...], ...]:
+    paths = []
+    for path in value:
+        if not isinstance(path, list | tuple) or not path:
+            raise ValueError(f"a decimal path must be a non-empty list, got {path!r}")
+        for part in path:
+            if type(part) not in (str, int):
+                raise ValueError(f"a decimal path holds {part!r}")
+        paths.append(tuple(path))
+    return tuple(paths)
+
+
+def decimal_paths(
+    value: Any, _prefix: tuple[str | int, ...] = ()
+) -> tuple[tuple[str | int, ...], ...]:
+    """Where ``value`` holds a ``Decimal``: each path of keys and list positions, in key order."""
+    if isinstance(value, Decimal):
+        return (_prefix,)
+    found: list[tuple[str | int, ...]] = []
+    if isinstance(value, Mapping):
+        for key in sorted(k for k in value if isinstance(k, str)):
+            found.extend(decimal_paths(value[key], (*_prefix, key)))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found.extend(decimal_paths(item, (*_prefix, i)))
+    return tuple(found)
 
 
 # --- canonical data -----------------------------------------------------------------------
@@ -230,9 +275,18 @@ def canonical_json(value: Any) -> str:
 
 
 def fingerprint(skill_id: str, agent_id: str, params: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``skill_id``, ``agent_id`` and ``params``."""
+    """SHA-256 (hex) of the canonical JSON of ``skill_id``, ``agent_id`` and ``params``.
+
+    Where the params hold decimals is hashed too: ``Decimal("1.10")`` and the text ``"1.10"``
+    are different actions.
+    """
     text = canonical_json(
-        {"agent_id": agent_id, "params": canonical_params(params), "skill_id": skill_id}
+        {
+            "agent_id": agent_id,
+            "decimals": [list(path) for path in decimal_paths(params)],
+            "params": canonical_params(params),
+            "skill_id": skill_id,
+        }
     )
     try:
         data = text.encode("utf-8")
@@ -280,12 +334,13 @@ def request_from_decision(
         skill_id=decision.skill_id,
         agent_id=decision.agent_id,
         params=canonical,
-        fingerprint=fingerprint(decision.skill_id, decision.agent_id, canonical),
+        fingerprint=fingerprint(decision.skill_id, decision.agent_id, params),
         policy=None if policy is None else canonical_params(policy, _where="policy"),
         policy_index=decision.policy_index,
         reason=decision.reason,
         created_at=float(now),
         expires_at=float(now) + float(ttl),
+        decimals=decimal_paths(params),
     )
 
 

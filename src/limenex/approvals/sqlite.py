@@ -13,8 +13,8 @@ The table::
 
     approvals  id TEXT PRIMARY KEY, skill_id, agent_id, params (canonical JSON text),
                fingerprint, policy (JSON text or NULL), policy_index, reason,
-               created_at, expires_at (REAL epoch seconds), status, decided_by,
-               decided_at, note, used_at
+               created_at, expires_at (REAL epoch seconds), decimals (JSON text),
+               status, decided_by, decided_at, note, used_at
     approvals_waiting  index on (status, created_at, id): what ``pending`` reads
 
 Every operation is one transaction; ``approve``, ``deny``, ``consume`` and ``create`` start
@@ -65,6 +65,7 @@ _TABLE = """CREATE TABLE IF NOT EXISTS approvals (
     reason TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
+    decimals TEXT NOT NULL,
     status TEXT NOT NULL,
     decided_by TEXT,
     decided_at REAL,
@@ -74,10 +75,10 @@ _TABLE = """CREATE TABLE IF NOT EXISTS approvals (
 _INDEX = "CREATE INDEX IF NOT EXISTS approvals_waiting ON approvals (status, created_at, id)"
 _COLUMNS = (
     "id, skill_id, agent_id, params, fingerprint, policy, policy_index, reason, created_at,"
-    " expires_at, status, decided_by, decided_at, note, used_at"
+    " expires_at, decimals, status, decided_by, decided_at, note, used_at"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM approvals"  # noqa: S608 - fixed column names
-_INSERT = f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"  # noqa: S608
+_INSERT = f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"  # noqa: S608
 _UPDATE = (
     "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ?, used_at = ?"
     " WHERE id = ?"
@@ -339,6 +340,7 @@ def _row(request: ApprovalRequest) -> tuple[Any, ...]:
         request.reason,
         request.created_at,
         request.expires_at,
+        canonical_json([list(path) for path in request.decimals]),
         request.status.value,
         request.decided_by,
         request.decided_at,
@@ -366,6 +368,7 @@ def _request(row: tuple[Any, ...]) -> ApprovalRequest:
         reason,
         created,
         expires,
+        decimals,
         status,
         by,
         at,
@@ -384,6 +387,7 @@ def _request(row: tuple[Any, ...]) -> ApprovalRequest:
             "reason": reason,
             "created_at": created,
             "expires_at": expires,
+            "decimals": json.loads(decimals),
             "status": status,
             "decided_by": by,
             "decided_at": at,

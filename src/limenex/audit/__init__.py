@@ -40,10 +40,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from limenex.core.decision import Decision
 from limenex.core.errors import LimenexRuntimeError
+
+if TYPE_CHECKING:
+    from limenex.approvals.request import ApprovalRequest
 
 try:
     import fcntl
@@ -64,6 +67,7 @@ __all__ = [
     "Redactor",
     "VerifyResult",
     "canonical_json",
+    "path_for",
     "read_tail",
     "record_hash",
     "verify",
@@ -72,6 +76,19 @@ __all__ = [
 
 DEFAULT_PATH = ".limenex/audit.log"
 """Where the CLI reads and writes the audit log unless told otherwise."""
+
+def path_for(state_store: object = None) -> Path:
+    """The default audit log of an engine or tool using ``state_store``.
+
+    ``audit.log`` in the folder of a file or SQLite state store (so it sits beside
+    ``state.json`` / ``state.db``), else :data:`DEFAULT_PATH` in the working directory.
+    """
+    from limenex.core.stores import LocalFileStateStore, SQLiteStateStore
+
+    if isinstance(state_store, LocalFileStateStore | SQLiteStateStore):
+        return Path(state_store.path).parent / "audit.log"
+    return Path(DEFAULT_PATH)
+
 
 GENESIS = "0" * 64
 """The ``prev`` of the first record of a chain."""
@@ -189,6 +206,40 @@ class AuditRecord:
             fail_closed=decision.fail_closed,
             latency_ms=None if latency_ms is None else _latency(latency_ms),
             extra=_jsonable(extra or {}),
+        )
+
+    @classmethod
+    def from_request(
+        cls,
+        event: str,
+        request: ApprovalRequest,
+        *,
+        at: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> AuditRecord:
+        """The record of ``event`` (``approved``, ``denied``...) on an approval request.
+
+        ``extra`` holds ``request_id``, ``status``, ``decided_by`` and ``note`` from the
+        request, then the given ``extra``.
+        """
+        details = {
+            "request_id": request.id,
+            "status": request.status.value,
+            "decided_by": request.decided_by,
+            "note": request.note,
+            **(extra or {}),
+        }
+        return cls(
+            time=_iso(time.time() if at is None else at),
+            event=event,
+            skill_id=request.skill_id,
+            agent_id=request.agent_id,
+            params=_jsonable(request.params),
+            verdict="ESCALATE",
+            reason=request.reason,
+            policy=request.policy,
+            policy_index=request.policy_index,
+            extra=_jsonable(details),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -524,12 +575,27 @@ class AuditLog:
             record = AuditRecord.from_decision(
                 event, decision, params, at=self.clock(), latency_ms=latency_ms, extra=extra
             )
+        except Exception as exc:
+            raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
+        return self.append(record)
+
+    def write_request(self, event: str, request: ApprovalRequest, **extra: Any) -> AuditRecord:
+        """Record ``event`` on an approval request (see :meth:`AuditRecord.from_request`)."""
+        try:
+            record = AuditRecord.from_request(event, request, at=self.clock(), extra=extra)
+        except Exception as exc:
+            raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
+        return self.append(record)
+
+    def append(self, record: AuditRecord) -> AuditRecord:
+        """Run ``record`` through the processors, then chain and store it in the sink."""
+        try:
             for step in self.processors:
                 record = step(record)
         except AuditError:
             raise
         except Exception as exc:
-            raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
+            raise AuditError(f"cannot process the audit record of {record.event!r}: {exc}") from exc
         return self.sink.append(record)
 
     def __call__(self, event: str, decision: Decision, params: Mapping[str, Any]) -> None:
