@@ -195,7 +195,7 @@ def _assert_refused(path: Path, match: str) -> None:
         (b'{"spend_usd": {"agent-1": 30.0}}\n', "not an SQLite database"),  # JSON, wrong name
         (b"SQLite format 3\0", "not an SQLite database"),  # a header and nothing else
         (b"\0" * 4096, "not an SQLite database"),
-        (b"SQLite format 3\0" + b"\xff" * 4096, "file is not a database"),  # SQLite says so
+        (b"SQLite format 3\0" + b"\xff" * 4096, "not an SQLite database"),  # SQLite says so
     ],
     ids=["json", "truncated", "zeros", "garbage"],
 )
@@ -692,3 +692,37 @@ def test_a_damaged_row_is_reported_as_corrupt_state(
     }[call]
     with pytest.raises(CorruptStateError, match=str(path)):
         operation()
+
+
+def _spend_in_another_process(path: str) -> None:
+    store = SQLiteStateStore(path)
+    store.commit(store.reserve([spend("1")], T0))  # type: ignore[arg-type]
+    store.close()  # the last connection of that process: it may checkpoint and drop the WAL
+
+
+def test_opening_more_stores_on_a_file_keeps_this_process_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it.
+
+    Were a store to read the header with ``open()``, a second store (or an approval store)
+    opened on the same database would silently drop the first one's SQLite locks; another
+    process closing its connection would then checkpoint and delete the WAL under the first
+    connection, which would stop seeing new writes and could lose its own.
+    """
+    from limenex.approvals import SQLiteApprovalStore
+
+    path = str(tmp_path / "state.db")
+    first = SQLiteStateStore(path)
+    first.commit(first.reserve([spend("1")], T0))  # type: ignore[arg-type]
+    fork = multiprocessing.get_context("spawn")
+    for opener in (lambda: SQLiteStateStore(path), lambda: SQLiteApprovalStore(path)):
+        other = opener()
+        other.pending(T0) if isinstance(other, SQLiteApprovalStore) else other.peek([], T0)
+        other.close()
+        worker = fork.Process(target=_spend_in_another_process, args=(path,))
+        worker.start()
+        worker.join(60)
+        assert worker.exitcode == 0
+        assert os.path.exists(path + "-wal")  # our connection still holds the database
+    (total,) = first.peek([spend("0")], T0)
+    assert total == 3  # ours and both of the other process's spends are visible
+    first.close()

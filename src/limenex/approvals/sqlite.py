@@ -266,26 +266,16 @@ class SQLiteApprovalStore(ApprovalStore):
     def _open(self) -> sqlite3.Connection:
         from limenex.core import sqlite as state_sqlite
 
-        try:
-            with open(self.path, "rb") as file:
-                header = file.read(100)
-        except FileNotFoundError:
-            header = b""
-        except OSError as exc:
-            raise ApprovalStoreError(f"cannot read {self.path}: {exc}") from exc
-        if header and not (len(header) == 100 and header.startswith(b"SQLite format 3\0")):
-            raise CorruptStateError(
-                f"{self.path} is not an SQLite database. The file was left as found: fix or"
-                " move it, or point the store at another path."
-            )
-        if not header or _inspect(self.path, self.timeout) == (0, 0, frozenset()):
+        size = state_sqlite.file_size(self.path, ApprovalStoreError)
+        if not size or _inspect(self.path, self.timeout) == (0, 0, frozenset()):
             # Let the state store lay out its own database, so it accepts the file later.
             state_sqlite.SQLiteStateStore(self.path, timeout=self.timeout).close()
         conn = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            application, version, tables = state_sqlite._inspect(conn)
+            with state_sqlite.refusing_non_databases(self.path):
+                application, version, tables = state_sqlite._inspect(conn)
             if (
                 application != state_sqlite.APPLICATION_ID
                 or version > state_sqlite.SCHEMA_VERSION
@@ -323,7 +313,8 @@ def _inspect(path: str, timeout: float) -> tuple[int, int, frozenset[str]]:
 
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
     try:
-        return state_sqlite._inspect(conn)
+        with state_sqlite.refusing_non_databases(path):
+            return state_sqlite._inspect(conn)
     finally:
         conn.close()
 

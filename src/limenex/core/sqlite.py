@@ -96,7 +96,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import ConversionSyntax, Decimal
 from typing import Any, TypeVar
 
@@ -275,6 +275,43 @@ class _Busy(Exception):
 
 class _Unreadable(ValueError):
     """A stored row this module cannot decode (raised as a CorruptStateError)."""
+
+
+def file_size(path: str, error: type[LimenexError]) -> int | None:
+    """The size of the file at ``path`` (``None``: there is none); refuses what cannot be ours.
+
+    The file is never opened here: closing *any* descriptor of a file drops every POSIX
+    lock this process holds on it, SQLite's included (another process could then checkpoint
+    and remove the WAL under our connections). SQLite itself reads the header, and
+    :func:`refusing_non_databases` turns its refusal into a clear error.
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc}") from exc
+    if 0 < size < 100:  # shorter than the header of any SQLite database
+        raise not_a_database(path)
+    return size
+
+
+def not_a_database(path: str) -> CorruptStateError:
+    return CorruptStateError(
+        f"{path} is not an SQLite database. The file was left as found: fix or move it, or"
+        " point the store at another path."
+    )
+
+
+@contextlib.contextmanager
+def refusing_non_databases(path: str) -> Iterator[None]:
+    """SQLite's "file is not a database" (it wrote nothing) as :func:`not_a_database`."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_NOTADB:
+            raise not_a_database(path) from exc
+        raise
 
 
 class SQLiteStateStore(StateStore):
@@ -642,23 +679,13 @@ class SQLiteStateStore(StateStore):
                 f"SQLite database {self.path} cannot be used in this process: it was forked"
                 " while a connection to it was busy. Open the store after the fork."
             )
-        try:
-            with open(self.path, "rb") as file:
-                header = file.read(100)
-        except FileNotFoundError:
-            header = b""
+        if file_size(self.path, StateStoreError) is None:
             with contextlib.suppress(OSError):  # removed since the store was made
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        except OSError as exc:
-            raise StateStoreError(f"cannot read {self.path}: {exc}") from exc
-        if header and not (len(header) == 100 and header.startswith(b"SQLite format 3\0")):
-            raise CorruptStateError(
-                f"{self.path} is not an SQLite database. The file was left as found: fix or"
-                " move it, or point the store at another path."
-            )
         conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
-            self._prepare(conn)
+            with refusing_non_databases(self.path):
+                self._prepare(conn)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
