@@ -1,22 +1,62 @@
-"""Several processes on one SQLite file: an approval is consumed exactly once."""
+"""Several processes on one store: an approval is consumed exactly once.
+
+Run on every backend that processes share: one SQLite file, one JSON file, one Redis prefix,
+one PostgreSQL schema.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from limenex.approvals import ApprovalRefused, SQLiteApprovalStore, request_from_decision
+import servers
+from limenex.approvals import (
+    ApprovalRefused,
+    ApprovalStore,
+    FileApprovalStore,
+    SQLiteApprovalStore,
+    request_from_decision,
+)
 from limenex.core.decision import Decision, Verdict
 
 T0 = 1_773_144_000.0
+SHARED = ["sqlite", "file", "redis", "postgres"]
 
 
-def _consume_worker(path: str, request_id: str, fp: str, start: Any, results: Any) -> None:
-    store = SQLiteApprovalStore(path, timeout=30)
+def _where(backend: str, tmp_path: Path) -> str:
+    """Where the processes' stores of ``backend`` meet: a path, a prefix or a schema."""
+    if backend == "sqlite":
+        return str(tmp_path / "state" / "state.db")
+    if backend == "file":
+        return str(tmp_path / "state" / "state.approvals.json")
+    return f"{servers.RUN}_appr_{uuid.uuid4().hex[:8]}"
+
+
+def _open(backend: str, where: str) -> ApprovalStore:
+    if backend == "sqlite":
+        return SQLiteApprovalStore(where, timeout=30)
+    if backend == "file":
+        return FileApprovalStore(where)
+    if backend == "redis":
+        from limenex.approvals.redis import RedisApprovalStore
+
+        return RedisApprovalStore(servers.REDIS_URL, prefix=where, timeout=30)
+    if backend == "postgres":
+        from limenex.approvals.postgres import PostgresApprovalStore
+
+        return PostgresApprovalStore(servers.POSTGRES_URL, schema=where, timeout=30)
+    raise AssertionError(backend)
+
+
+def _consume_worker(
+    backend: str, where: str, request_id: str, fp: str, start: Any, results: Any
+) -> None:
+    store = _open(backend, where)
     store.get(request_id, T0)  # open the connection before the race starts
     start.wait()
     try:
@@ -31,9 +71,10 @@ def _consume_worker(path: str, request_id: str, fp: str, start: Any, results: An
 
 
 @pytest.mark.slow
-def test_four_processes_racing_consume_one_wins(tmp_path: Path) -> None:
-    path = str(tmp_path / "state" / "state.db")
-    store = SQLiteApprovalStore(path)
+@pytest.mark.parametrize("backend", SHARED)
+def test_four_processes_racing_consume_one_wins(backend: str, tmp_path: Path) -> None:
+    where = _where(backend, tmp_path)
+    store = _open(backend, where)
     decision = Decision(Verdict.ESCALATE, "finance.spend", "agent-1", "above 100")
     request = request_from_decision(decision, {"amount_usd": Decimal("120")}, now=T0, ttl=3600)
     store.create(request)
@@ -44,7 +85,8 @@ def test_four_processes_racing_consume_one_wins(tmp_path: Path) -> None:
     results = context.Queue()
     workers = [
         context.Process(
-            target=_consume_worker, args=(path, request.id, request.fingerprint, start, results)
+            target=_consume_worker,
+            args=(backend, where, request.id, request.fingerprint, start, results),
         )
         for _ in range(4)
     ]
@@ -60,32 +102,38 @@ def test_four_processes_racing_consume_one_wins(tmp_path: Path) -> None:
     store.close()
 
 
-def _approve_worker(path: str, request_id: str) -> None:
-    store = SQLiteApprovalStore(path)
+def _approve_worker(backend: str, where: str, request_id: str) -> None:
+    store = _open(backend, where)
     store.approve(request_id, "bob", T0 + 1, note="from another process")
     store.close()
 
 
-def test_an_approval_in_another_process_is_seen_here(tmp_path: Path) -> None:
-    path = str(tmp_path / "state.db")
-    store = SQLiteApprovalStore(path)
+@pytest.mark.parametrize("backend", SHARED)
+def test_an_approval_in_another_process_is_seen_here(backend: str, tmp_path: Path) -> None:
+    where = _where(backend, tmp_path)
+    store = _open(backend, where)
     decision = Decision(Verdict.ESCALATE, "s", "a", "why")
     request = request_from_decision(decision, {"x": 1}, now=T0, ttl=60)
     store.create(request)
+    assert store.get(request.id, T0 + 0.5).status == "pending"  # type: ignore[union-attr]
     process = multiprocessing.get_context("spawn").Process(
-        target=_approve_worker, args=(path, request.id)
+        target=_approve_worker, args=(backend, where, request.id)
     )
     process.start()
     process.join(timeout=60)
     assert process.exitcode == 0
     approved = store.get(request.id, T0 + 2)
     assert approved is not None
-    assert (approved.status, approved.decided_by) == ("approved", "bob")
+    assert (approved.status, approved.decided_by, approved.note) == (
+        "approved",
+        "bob",
+        "from another process",
+    )
     assert store.consume(request.id, request.fingerprint, T0 + 3).status == "used"
     store.close()
 
 
-def _forked_consume(store: SQLiteApprovalStore, request_id: str, fp: str, results: Any) -> None:
+def _forked_consume(store: ApprovalStore, request_id: str, fp: str, results: Any) -> None:
     try:
         store.consume(request_id, fp, T0 + 2)
         results.put("won")
@@ -95,9 +143,9 @@ def _forked_consume(store: SQLiteApprovalStore, request_id: str, fp: str, result
         results.put(f"error: {exc!r}")
 
 
-def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
-    path = str(tmp_path / "state.db")
-    store = SQLiteApprovalStore(path)
+@pytest.mark.parametrize("backend", SHARED)
+def test_a_forked_child_opens_its_own_connection(backend: str, tmp_path: Path) -> None:
+    store = _open(backend, _where(backend, tmp_path))
     decision = Decision(Verdict.ESCALATE, "s", "a", "why")
     request = request_from_decision(decision, {"x": 1}, now=T0, ttl=60)
     store.create(request)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import socket
 import sqlite3
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import servers
 from limenex.approvals import (
     ApprovalRefused,
     ApprovalRequest,
@@ -22,12 +28,16 @@ from limenex.approvals import (
     ApprovalStoreError,
     InMemoryApprovalStore,
     SQLiteApprovalStore,
+    approval_store_for,
     canonical_json,
     canonical_params,
     decimal_paths,
     fingerprint,
     request_from_decision,
 )
+from limenex.approvals.file import FileApprovalStore
+from limenex.approvals.postgres import PostgresApprovalStore
+from limenex.approvals.redis import RedisApprovalStore
 from limenex.core.decision import Decision, Verdict
 from limenex.core.errors import (
     CorruptStateError,
@@ -36,8 +46,8 @@ from limenex.core.errors import (
     StateStoreError,
 )
 from limenex.core.policy import DeterministicPolicy
-from limenex.core.state import Check, CounterKey, Reservation
-from limenex.core.stores import SQLiteStateStore
+from limenex.core.state import Check, CounterKey, Reservation, StateStore
+from limenex.core.stores import LocalFileStateStore, SQLiteStateStore
 
 T0 = 1_773_144_000.0  # 2026-03-10T12:00:00Z
 TTL = 3600.0
@@ -53,7 +63,7 @@ POLICY = DeterministicPolicy.model_validate(
     }
 )
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "file", "redis", "postgres"]
 
 
 def escalation(skill: str = "finance.spend", agent: str = "agent-1") -> Decision:
@@ -76,18 +86,40 @@ def new_request(params: dict[str, Any] | None = None, *, now: float = T0) -> App
 MakeStore = Callable[[], ApprovalStore]
 
 
-@pytest.fixture(params=BACKENDS)
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeStore]:
-    """Stores of one backend; the SQLite ones all open the same file (same requests)."""
-    made: list[ApprovalStore] = []
+def namespace() -> str:
+    """A fresh Redis prefix or PostgreSQL schema of this run (removed when the run ends)."""
+    return f"{servers.RUN}_appr_{uuid.uuid4().hex[:8]}"
+
+
+def factory(backend: str, folder: Path) -> MakeStore:
+    """Make stores of ``backend`` that all see the same requests (one file, prefix, schema)."""
     memory = InMemoryApprovalStore()
+    name = namespace()
 
     def make() -> ApprovalStore:
-        store: ApprovalStore
-        if request.param == "memory":
-            store = memory
-        else:
-            store = SQLiteApprovalStore(tmp_path / "state" / "state.db")
+        if backend == "memory":
+            return memory
+        if backend == "sqlite":
+            return SQLiteApprovalStore(folder / "state" / "state.db")
+        if backend == "file":
+            return FileApprovalStore(folder / "state" / "state.approvals.json")
+        if backend == "redis":
+            return RedisApprovalStore(servers.REDIS_URL, prefix=name)
+        if backend == "postgres":
+            return PostgresApprovalStore(servers.POSTGRES_URL, schema=name)
+        raise AssertionError(backend)
+
+    return make
+
+
+@pytest.fixture(params=BACKENDS)
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeStore]:
+    """Stores of one backend; all of one fixture see the same requests (like one SQLite file)."""
+    made: list[ApprovalStore] = []
+    new = factory(request.param, tmp_path)
+
+    def make() -> ApprovalStore:
+        store = new()
         made.append(store)
         return store
 
@@ -409,6 +441,44 @@ def test_forty_threads_racing_consume_one_wins(make_store: MakeStore) -> None:
     assert refusals == ["used"] * 39
 
 
+def test_a_slow_consume_still_lets_exactly_one_win(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every racer reads the request as approved before any writes: the step must be atomic."""
+    stores = [make_store() for _ in range(4)]
+    request = new_request()
+    stores[0].create(request)
+    stores[0].approve(request.id, "alice", T0 + 1)
+    module = sys.modules[type(stores[0]).__module__]
+    plain_use = module.use
+
+    def slow_use(*args: Any) -> ApprovalRequest:
+        done: ApprovalRequest = plain_use(*args)
+        time.sleep(0.05)  # between the read and the write
+        return done
+
+    monkeypatch.setattr(module, "use", slow_use)
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def race(n: int) -> None:
+        barrier.wait()
+        try:
+            stores[n % 4].consume(request.id, request.fingerprint, T0 + 2)
+            outcomes.append("won")
+        except ApprovalRefused as exc:
+            outcomes.append(exc.why)
+        except BaseException as exc:  # pragma: no cover - reported below
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["used"] * 7 + ["won"]
+
+
 # --- SQLite ---------------------------------------------------------------------------------
 
 
@@ -541,6 +611,361 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
             SQLiteApprovalStore(tmp_path / "s.db", timeout=timeout)  # type: ignore[arg-type]
 
 
+# --- every field round-trips on every backend ---------------------------------------------
+
+
+def full_request() -> ApprovalRequest:
+    """A request with every field set, and params that are easy to get wrong."""
+    params = {
+        "amount": Decimal("120.50"),
+        "rows": [{"fee": Decimal("0.10"), "n": 10**30}, Decimal("-1E+3")],
+        "big": 1e300,
+        "tiny": 5e-324,
+        "text": "é ü 漢 \u2028 \\\" '",
+        "nothing": None,
+        "flag": True,
+    }
+    request = request_from_decision(escalation(), params, now=T0 + 0.1, ttl=TTL)
+    assert request.decimals == (("amount",), ("rows", 0, "fee"), ("rows", 1))
+    return dataclasses.replace(
+        request,
+        status=ApprovalStatus.USED,
+        decided_by="alice ☃",
+        decided_at=T0 + 1.25,
+        note="fine\nfor this one",
+        used_at=T0 + 2.5,
+    )
+
+
+def test_every_field_round_trips(make_store: MakeStore) -> None:
+    store, other = make_store(), make_store()
+    request = full_request()
+    store.create(request)
+    bare = new_request({})
+    bare = dataclasses.replace(bare, policy=None, policy_index=None)
+    store.create(bare)
+    for reader in (store, other):
+        read = reader.get(request.id, T0 + 3)
+        assert read is not None
+        assert read.to_dict() == request.to_dict()
+        assert canonical_json(read.to_dict()) == canonical_json(request.to_dict())
+        assert read.call_params() == request.call_params()
+        assert read.call_params()["rows"][0]["fee"] == Decimal("0.10")
+        assert str(read.call_params()["rows"][0]["fee"]) == "0.10"
+        assert reader.get(bare.id, T0).to_dict() == bare.to_dict()  # type: ignore[union-attr]
+    # A closed store opens again on use.
+    store.close()
+    assert store.get(request.id, T0 + 3).to_dict() == request.to_dict()  # type: ignore[union-attr]
+
+
+# --- the file backend ----------------------------------------------------------------------
+
+
+def test_the_file_holds_each_request_as_its_dict(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "state.approvals.json"
+    store = FileApprovalStore(path)
+    assert store.get("nothing", T0) is None
+    assert not path.exists()  # reading makes no file
+    request = full_request()
+    store.create(request)
+    waiting = new_request()
+    store.create(waiting)
+    store.approve(waiting.id, "bob", T0 + 1)
+    kept = json.loads(path.read_text("ascii"))
+    assert kept == {
+        request.id: request.to_dict(),
+        waiting.id: store.get(waiting.id, T0 + 2).to_dict(),  # type: ignore[union-attr]
+    }
+    assert (tmp_path / "state" / "state.approvals.json.lock").exists()
+    assert not (tmp_path / "state" / "state.approvals.json.tmp").exists()
+    store.close()
+    again = FileApprovalStore(path)
+    assert again.get(request.id, T0).to_dict() == request.to_dict()  # type: ignore[union-attr]
+    again.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[]",
+        b'{"x": {"id": "x"}}',
+        b'{"a": 1, "a": 2}',
+        b'{"x": {"id": "y"}}',
+        b"NaN",
+        b"",
+    ],
+)
+def test_a_corrupt_approvals_file_is_refused_and_kept(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "state.approvals.json"
+    good = FileApprovalStore(path)
+    request = new_request()
+    good.create(request)
+    if content == b'{"x": {"id": "y"}}':  # a readable request, kept under another id
+        content = json.dumps({"x": request.to_dict()}).encode()
+    path.write_bytes(content)
+    store = FileApprovalStore(path)
+    for call in (
+        lambda: store.get(request.id, T0),
+        lambda: store.pending(T0),
+        lambda: store.create(new_request()),
+        lambda: store.approve(request.id, "alice", T0 + 1),
+        lambda: good.consume(request.id, request.fingerprint, T0 + 1),
+    ):
+        with pytest.raises(CorruptStateError, match="left as found"):
+            call()
+    assert path.read_bytes() == content
+    assert not path.with_name(path.name + ".tmp").exists()
+    store.close()
+    good.close()
+
+
+def test_a_file_that_cannot_be_reached_is_an_approval_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    store = FileApprovalStore(blocker / "state.approvals.json")  # its folder is a file
+    for call in (
+        lambda: store.get("x", T0),
+        lambda: store.create(new_request()),
+        lambda: store.consume("x", "f", T0),
+    ):
+        with pytest.raises(ApprovalStoreError):
+            call()
+    store.close()
+    # A file that cannot be read (a folder in its place).
+    folder = tmp_path / "state.approvals.json"
+    folder.mkdir()
+    other = FileApprovalStore(folder)
+    with pytest.raises(ApprovalStoreError, match="cannot read"):
+        other.get("x", T0)
+    other.close()
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_redis_keys_carry_the_prefix_hash_tag() -> None:
+    import redis
+
+    prefix = namespace()
+    store = RedisApprovalStore(servers.REDIS_URL, prefix=prefix)
+    waiting, decided = new_request(now=T0 + 1), full_request()
+    store.create(waiting)
+    store.create(decided)
+    client = redis.Redis.from_url(servers.REDIS_URL, decode_responses=True)
+    try:
+        keys = set(client.scan_iter(match=f"*{prefix}*"))
+        assert keys == {
+            "{" + prefix + "}:approval:" + waiting.id,
+            "{" + prefix + "}:approval:" + decided.id,
+            "{" + prefix + "}:approvals:waiting",
+        }
+        text = client.get("{" + prefix + "}:approval:" + decided.id)
+        assert text == canonical_json(decided.to_dict())
+        index = "{" + prefix + "}:approvals:waiting"
+        assert client.zrange(index, 0, -1, withscores=True) == [(waiting.id, T0 + 1)]
+        store.deny(waiting.id, "bob", T0 + 2)
+        assert client.zcard(index) == 0
+        # A value that is not a request is refused, and kept.
+        client.set("{" + prefix + "}:approval:broken", "{not json")
+        with pytest.raises(CorruptStateError, match="left as found"):
+            store.get("broken", T0)
+        with pytest.raises(CorruptStateError):
+            store.approve("broken", "alice", T0)
+        assert client.get("{" + prefix + "}:approval:broken") == "{not json"
+    finally:
+        client.close()
+        store.close()
+
+
+def test_an_unreachable_redis_is_an_approval_store_error() -> None:
+    store = RedisApprovalStore(
+        f"redis://:s3cret@127.0.0.1:{closed_port()}/0", prefix=namespace(), connect_timeout=1
+    )
+    for call in (
+        lambda: store.get("x", T0),
+        lambda: store.pending(T0),
+        lambda: store.create(new_request()),
+        lambda: store.approve("x", "alice", T0),
+        lambda: store.consume("x", "f", T0),
+    ):
+        with pytest.raises(ApprovalStoreError, match=r"Redis at 127\.0\.0\.1") as caught:
+            call()
+        assert "s3cret" not in str(caught.value)
+    store.close()
+
+
+async def test_an_unreachable_redis_fails_the_async_calls_too() -> None:
+    store = RedisApprovalStore(f"redis://127.0.0.1:{closed_port()}/0", prefix=namespace())
+    with pytest.raises(ApprovalStoreError):
+        await store.aget("x", T0)
+    with pytest.raises(ApprovalStoreError):
+        await store.aconsume("x", "f", T0)
+    await store.aclose()
+
+
+def test_redis_settings_are_checked() -> None:
+    for prefix in ("", "a{b", "c}", 3):
+        with pytest.raises(LimenexConfigError, match="prefix"):
+            RedisApprovalStore(servers.REDIS_URL, prefix=prefix)  # type: ignore[arg-type]
+    with pytest.raises(LimenexConfigError, match="Redis URL"):
+        RedisApprovalStore("http://example.com", prefix="p")
+    with pytest.raises(LimenexConfigError, match="timeout"):
+        RedisApprovalStore(servers.REDIS_URL, prefix="p", timeout=0)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+def test_postgres_keeps_a_table_in_the_schema() -> None:
+    import psycopg
+
+    schema = namespace()
+    store = PostgresApprovalStore(servers.POSTGRES_URL, schema=schema)
+    request = full_request()
+    store.create(request)
+    with psycopg.connect(servers.POSTGRES_URL, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (schema,),
+        ).fetchall()
+        assert tables == [("approvals",)]
+        conn.execute(
+            f'UPDATE "{schema}".approvals SET params = %s WHERE id = %s',  # noqa: S608
+            ("{broken", request.id),
+        )
+        with pytest.raises(CorruptStateError, match="left as found"):
+            store.get(request.id, T0)
+        with pytest.raises(CorruptStateError):
+            store.consume(request.id, request.fingerprint, T0)
+        (params,) = conn.execute(
+            f'SELECT params FROM "{schema}".approvals WHERE id = %s',  # noqa: S608
+            (request.id,),
+        ).fetchone()  # type: ignore[misc]
+        assert params == "{broken"
+        # The schema dropped under a live store: made again on the next call.
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    assert store.get(request.id, T0) is None
+    store.create(request)
+    assert store.get(request.id, T0 + 3).to_dict() == request.to_dict()  # type: ignore[union-attr]
+    store.close()
+
+
+def test_an_unreachable_postgres_is_an_approval_store_error() -> None:
+    store = PostgresApprovalStore(
+        f"postgresql://postgres:s3cret@127.0.0.1:{closed_port()}/test", schema=namespace()
+    )
+    for call in (
+        lambda: store.get("x", T0),
+        lambda: store.pending(T0),
+        lambda: store.create(new_request()),
+        lambda: store.approve("x", "alice", T0),
+        lambda: store.consume("x", "f", T0),
+    ):
+        with pytest.raises(ApprovalStoreError, match=r"PostgreSQL at 127\.0\.0\.1") as caught:
+            call()
+        assert "s3cret" not in str(caught.value)
+    store.close()
+
+
+async def test_an_unreachable_postgres_fails_the_async_calls_too() -> None:
+    store = PostgresApprovalStore(
+        f"postgresql://postgres@127.0.0.1:{closed_port()}/test", schema=namespace()
+    )
+    with pytest.raises(ApprovalStoreError):
+        await store.aget("x", T0)
+    with pytest.raises(ApprovalStoreError):
+        await store.aconsume("x", "f", T0)
+    await store.aclose()
+
+
+def test_postgres_settings_are_checked() -> None:
+    for schema in ("", "1abc", "pg_x", "a-b", "x" * 64, 3):
+        with pytest.raises(LimenexConfigError, match="schema"):
+            PostgresApprovalStore(servers.POSTGRES_URL, schema=schema)  # type: ignore[arg-type]
+    with pytest.raises(LimenexConfigError, match="DSN"):
+        PostgresApprovalStore("not a dsn = = =", schema="p")
+    with pytest.raises(LimenexConfigError, match="max_connections"):
+        PostgresApprovalStore(servers.POSTGRES_URL, schema="p", max_connections=0)
+
+
+# --- approval_store_for ---------------------------------------------------------------------
+
+
+def state_stores(kind: str, tmp_path: Path) -> tuple[StateStore, StateStore]:
+    """Two state store objects pointed at the same state."""
+    if kind == "file":
+        path = tmp_path / "state" / "state.json"
+        return LocalFileStateStore(path), LocalFileStateStore(str(path))
+    if kind == "redis":
+        from limenex.stores.redis import RedisStateStore
+
+        prefix = namespace()
+        return (
+            RedisStateStore(servers.REDIS_URL, prefix=prefix),
+            RedisStateStore(servers.REDIS_URL, prefix=prefix),
+        )
+    from limenex.stores.postgres import PostgresStateStore
+
+    schema = namespace()
+    return (
+        PostgresStateStore(servers.POSTGRES_URL, schema=schema),
+        PostgresStateStore(servers.POSTGRES_URL, schema=schema),
+    )
+
+
+@pytest.mark.parametrize("kind", ["file", "redis", "postgres"])
+def test_approval_store_for_shares_requests_beside_the_state(kind: str, tmp_path: Path) -> None:
+    first_state, second_state = state_stores(kind, tmp_path)
+    first, second = approval_store_for(first_state), approval_store_for(second_state)
+    expected = {
+        "file": FileApprovalStore,
+        "redis": RedisApprovalStore,
+        "postgres": PostgresApprovalStore,
+    }[kind]
+    try:
+        assert type(first) is expected
+        assert type(second) is expected
+        request = full_request()
+        first.create(request)
+        assert second.get(request.id, T0).to_dict() == request.to_dict()  # type: ignore[union-attr]
+        waiting = new_request()
+        second.create(waiting)
+        assert [r.id for r in first.pending(T0 + 1)] == [waiting.id]
+        first.approve(waiting.id, "alice", T0 + 1)
+        assert second.consume(waiting.id, waiting.fingerprint, T0 + 2).status is (
+            ApprovalStatus.USED
+        )
+        refusal(lambda: first.consume(waiting.id, waiting.fingerprint, T0 + 3), "used")
+        # The state store works beside its approvals.
+        reservation = first_state.reserve([spend("30")], T0)
+        assert isinstance(reservation, Reservation)
+        first_state.commit(reservation)
+        assert second_state.peek([spend("0")], T0 + 1) == (Decimal("30"),)
+        first_state.reset()
+        assert second.get(waiting.id, T0 + 4).status is ApprovalStatus.USED  # type: ignore[union-attr]
+        if kind == "file":
+            assert isinstance(first, FileApprovalStore)
+            assert first.path == str(tmp_path / "state" / "state.approvals.json")
+        elif kind == "redis":
+            assert isinstance(first, RedisApprovalStore)
+            assert first.prefix == first_state.prefix  # type: ignore[attr-defined]
+        else:
+            assert isinstance(first, PostgresApprovalStore)
+            assert first.schema == first_state.schema  # type: ignore[attr-defined]
+    finally:
+        for store in (first, second):
+            store.close()
+        for state in (first_state, second_state):
+            state.close()
+
+
 # --- the status machine never goes back -------------------------------------------------------
 
 _steps = st.lists(
@@ -568,11 +993,7 @@ _ORDER = {
 def test_the_status_machine_never_goes_back(
     backend: str, tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, float]]
 ) -> None:
-    store: ApprovalStore = (
-        InMemoryApprovalStore()
-        if backend == "memory"
-        else SQLiteApprovalStore(tmp_path_factory.mktemp("machine") / "state.db")
-    )
+    store = factory(backend, tmp_path_factory.mktemp("machine"))()
     try:
         requests = [new_request(), new_request()]
         for request in requests:

@@ -1128,6 +1128,7 @@ class PostgresStateStore(StateStore):
                 "underscores, not starting with a digit or pg_"
             )
         self.schema = schema
+        self.dsn = dsn  # for stores kept beside this one (approvals): same database and schema
         self._schema_checked = False  # migrate() ran once for this store: version and functions
         if not isinstance(dsn, str):
             raise LimenexConfigError(

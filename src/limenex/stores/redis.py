@@ -901,6 +901,7 @@ class RedisStateStore(StateStore):
         self.connect_timeout = _check_lease(connect_timeout, "connect_timeout")
         self.timeout = _check_lease(timeout, "timeout")
         self.prefix = prefix
+        self.url = url  # for stores kept beside this one (approvals): same server, same prefix
         try:
             options: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
             async_options: dict[str, Any] = dict(redis.asyncio.connection.parse_url(url))
