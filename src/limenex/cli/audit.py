@@ -1,8 +1,10 @@
 """``limenex audit tail|verify``: read and check the hash-chained audit log.
 
 Both take ``--path`` (default ``.limenex/audit.log``, the file an
-``AuditLog(JsonlSink(...))`` writes) and ``--json``. ``verify`` exits 0 only when every
-record is intact and chained; otherwise it names the first broken line on stderr and exits 1.
+``AuditLog(JsonlSink(...))`` writes) or ``--sql URL`` (with ``--table``: the table an
+``AuditLog(SQLSink(...))`` writes, see :mod:`limenex.audit.sql`), and ``--json``. ``verify``
+exits 0 only when every record is intact and chained; otherwise it names the first broken
+line (for a table, the first bad seq) on stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -31,8 +33,42 @@ def _path_option(fn: F) -> F:
     )(fn)
 
 
+def _sql_options(fn: F) -> F:
+    fn = click.option(
+        "--table",
+        default=None,
+        help="The audit table of --sql  [default: limenex_audit].",
+    )(fn)
+    return click.option(
+        "--sql",
+        "sql_url",
+        metavar="URL",
+        help="Read the audit table of this database instead of a file"
+        " (sqlite:///..., postgresql://...?schema=...). Not with --path.",
+    )(fn)
+
+
 def _json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+def _sql_target(sql_url: str | None, table: str | None) -> tuple[str, str] | None:
+    """``(url, table)`` when reading a table; refuses --sql with --path, --table alone."""
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+        None,
+    )
+    if sql_url is None:
+        if table is not None:
+            raise click.UsageError("--table goes with --sql")
+        return None
+    if given:
+        raise click.UsageError("give --path or --sql, not both")
+    from limenex.audit.sql import DEFAULT_TABLE
+
+    return sql_url, DEFAULT_TABLE if table is None else table
 
 
 def _plural(n: int) -> str:
@@ -46,14 +82,21 @@ def audit() -> None:
 
 @audit.command()
 @_path_option
+@_sql_options
 @click.option("-n", "--lines", "count", default=20, show_default=True, type=click.IntRange(0))
 @_json_option
-def tail(path: str, count: int, as_json: bool) -> None:
+def tail(path: str, sql_url: str | None, table: str | None, count: int, as_json: bool) -> None:
     """The last records, oldest first (not verified: run `limenex audit verify` for that)."""
-    if not Path(path).exists():
+    target = _sql_target(sql_url, table)
+    if target is None and not Path(path).exists():
         raise click.ClickException(f"no audit log at {path} (nothing recorded yet?)")
     try:
-        lines = read_tail(path, count)
+        if target is None:
+            lines = read_tail(path, count)
+        else:
+            from limenex.audit.sql import tail_sql
+
+            lines = tail_sql(target[0], count, target[1])
     except AuditError as exc:
         raise click.ClickException(str(exc)) from None
     records: list[dict[str, Any] | None] = []
@@ -94,13 +137,20 @@ def _line(record: dict[str, Any]) -> str:
 
 @audit.command(name="verify")
 @_path_option
+@_sql_options
 @_json_option
-def verify_command(path: str, as_json: bool) -> None:
+def verify_command(path: str, sql_url: str | None, table: str | None, as_json: bool) -> None:
     """Check every record's hash and its link to the one before; exit 1 at the first break."""
-    if not Path(path).exists():
+    target = _sql_target(sql_url, table)
+    if target is None and not Path(path).exists():
         _fail(as_json, f"✗ No audit log at {path}", {"error": f"no audit log at {path}"})
     try:
-        result = verify(path)
+        if target is None:
+            result = verify(path)
+        else:
+            from limenex.audit.sql import verify_sql
+
+            result = verify_sql(*target)
     except AuditError as exc:
         _fail(as_json, f"✗ {exc}", {"error": str(exc)})
     if as_json:
@@ -119,8 +169,9 @@ def verify_command(path: str, as_json: bool) -> None:
         if not result.ok:
             raise click.exceptions.Exit(1)
         return
+    where = "line" if target is None else "seq"
     if not result.ok:
-        click.echo(f"✗ Audit log broken at line {result.first_bad_line}: {result.why}", err=True)
+        click.echo(f"✗ Audit log broken at {where} {result.first_bad_line}: {result.why}", err=True)
         raise click.exceptions.Exit(1)
     click.echo(f"✓ Audit log intact — {_plural(result.count)}")
 
