@@ -100,3 +100,11 @@ def _remove_the_runs_server_state() -> Iterator[None]:
             ).fetchall()
             for (schema,) in schemas:
                 conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(autouse=True)
+def _working_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test runs in a folder of its own: what the engine keeps by default in the working
+    directory (``.limenex/audit.log``, ``.limenex/state.db``) never lands in the checkout."""
+    with contextlib.chdir(tmp_path_factory.mktemp("cwd")):
+        yield

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import multiprocessing
 import threading
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from limenex.audit import (
+    _BEFORE_HASH,
     GENESIS,
     REDACTED,
     AuditError,
@@ -23,6 +26,7 @@ from limenex.audit import (
     JsonlSink,
     MemorySink,
     Redactor,
+    canonical_json,
     read_tail,
     record_hash,
     verify,
@@ -426,7 +430,7 @@ def test_engine_writes_a_verifiable_log(tmp_path: Path) -> None:
     engine.execute_sync(
         spend, "agent-1", {"amount_usd": 60, "card": "4242"}, lambda: ran.append("a")
     )
-    with pytest.raises(EscalationRequired):
+    with pytest.raises(EscalationRequired) as paused:
         engine.execute_sync(
             spend, "agent-1", {"amount_usd": 60, "card": "4242"}, lambda: ran.append("b")
         )
@@ -439,12 +443,24 @@ def test_engine_writes_a_verifiable_log(tmp_path: Path) -> None:
     assert (result.ok, result.count) == (True, 4), result.why
     records = [json.loads(line) for line in lines_of(path)]
     assert [(r["event"], r["verdict"]) for r in records] == [
-        ("decision", "ALLOW"),
+        ("allowed", "ALLOW"),
         ("executed", "ALLOW"),
-        ("decision", "ESCALATE"),
-        ("decision", "BLOCK"),
+        ("escalated", "ESCALATE"),
+        ("blocked", "BLOCK"),
     ]
+    assert records[1]["extra"]["state"] == [
+        {
+            "dimension": "spend_usd",
+            "scope": "agent",
+            "subject": "agent-1",
+            "window": None,
+            "before": "0",
+            "after": "60",
+        }
+    ]
+    assert all(r["latency_ms"] is not None for r in records)
     escalated = records[2]
+    assert escalated["extra"]["request_id"] == paused.value.request_id
     assert (escalated["observed"], escalated["projected"], escalated["limit"]) == (
         "60",
         "120",
@@ -469,7 +485,7 @@ async def test_engine_async_path_is_audited(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="provider down"):
         await engine.execute("finance.spend", "agent-1", {"amount_usd": 5}, fail)
     records = [json.loads(line) for line in lines_of(path)]
-    assert [r["event"] for r in records] == ["decision", "failed"]
+    assert [r["event"] for r in records] == ["allowed", "failed"]
     assert verify(path).ok
 
 
@@ -564,3 +580,33 @@ def test_cli_tail_shows_garbled_lines_and_missing_files(tmp_path: Path) -> None:
     code, _, err = cli("tail", "--path", str(tmp_path / "nope.log"))
     assert code == 1
     assert "no audit log at" in err
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    params=st.dictionaries(
+        st.text(max_size=8),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        max_size=4,
+    ),
+    extra=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    seq=st.integers(min_value=1, max_value=2**40),
+)
+def test_a_chained_line_is_the_canonical_json_of_the_record(
+    params: dict[str, Any], extra: dict[str, str], seq: int
+) -> None:
+    record = AuditRecord.from_decision("executed", allow(), params, at=1.5, extra=extra)
+    linked = record.chained(seq, "a" * 64)
+    assert linked.line() == canonical_json(linked.to_dict())
+    assert linked.hash == record_hash(linked.to_dict())
+    assert sorted(linked.to_dict()).index("hash") == len(_BEFORE_HASH)
+    # A record changed after chaining is serialised afresh, never from the old line.
+    changed = dataclasses.replace(linked, reason="edited")
+    assert changed.line() == canonical_json(changed.to_dict())

@@ -624,9 +624,9 @@ async def test_audit_hook_sees_every_decision_and_outcome(make_engine: MakeEngin
     with pytest.raises(EscalationRequired):
         await spend(agent_id="a", service="openai", amount_usd=30)
     assert events == [
-        ("decision", Verdict.ALLOW),
+        ("allowed", Verdict.ALLOW),
         ("executed", Verdict.ALLOW),
-        ("decision", Verdict.ESCALATE),
+        ("escalated", Verdict.ESCALATE),
     ]
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from limenex.approvals.request import ApprovalRequest
 from limenex.approvals.store import ApprovalStore
 
-if TYPE_CHECKING:
-    from limenex.audit import AuditLog
+__all__ = ["Approvals", "RequestAudit"]
 
-__all__ = ["Approvals"]
+
+class RequestAudit(Protocol):
+    """What records approval events: :class:`~limenex.audit.AuditLog` and its buffered twin."""
+
+    def write_request(self, event: str, request: ApprovalRequest, **extra: Any) -> Any: ...
 
 
 class Approvals:
@@ -34,7 +37,7 @@ class Approvals:
         self,
         store: ApprovalStore,
         *,
-        audit: AuditLog | None = None,
+        audit: RequestAudit | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store

@@ -28,15 +28,19 @@ Keep :attr:`VerifyResult.head` (the last hash) somewhere the agent cannot write 
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -61,6 +65,7 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditSink",
+    "BufferedAuditLog",
     "JsonlSink",
     "MemorySink",
     "Processor",
@@ -74,8 +79,11 @@ __all__ = [
     "verify_lines",
 ]
 
+_log = logging.getLogger("limenex")
+
 DEFAULT_PATH = ".limenex/audit.log"
 """Where the CLI reads and writes the audit log unless told otherwise."""
+
 
 def path_for(state_store: object = None) -> Path:
     """The default audit log of an engine or tool using ``state_store``.
@@ -146,8 +154,20 @@ def _dec(value: Decimal | None) -> str | None:
 
 
 def _iso(epoch: float) -> str:
-    moment = _dt.datetime.fromtimestamp(epoch, _dt.UTC)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``epoch`` as ISO 8601 UTC with microseconds (``2026-01-01T00:00:00.000000Z``)."""
+    micros = round(epoch * 1_000_000)
+    seconds, fraction = divmod(micros, 1_000_000)
+    text = _iso_seconds.get(seconds)
+    if text is None:
+        moment = _dt.datetime.fromtimestamp(seconds, _dt.UTC)
+        text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_iso_seconds) > 64:
+            _iso_seconds.clear()
+        _iso_seconds[seconds] = text
+    return f"{text}.{fraction:06d}Z"
+
+
+_iso_seconds: dict[int, str] = {}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,6 +197,7 @@ class AuditRecord:
     seq: int | None = None
     prev: str | None = None
     hash: str | None = None
+    _line: str | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     @classmethod
     def from_decision(
@@ -188,8 +209,15 @@ class AuditRecord:
         at: float | None = None,
         latency_ms: float | Decimal | None = None,
         extra: Mapping[str, Any] | None = None,
+        state: StateChange | None = None,
     ) -> AuditRecord:
-        """The record of ``event`` for ``decision``; ``at`` defaults to now (epoch seconds)."""
+        """The record of ``event`` for ``decision``; ``at`` defaults to now (epoch seconds).
+
+        ``state`` is the call's ``(checks, totals before)``: it becomes ``extra["state"]``, one
+        entry per counter with its total ``before`` and ``after`` the call's amount.
+        """
+        if state is not None:
+            extra = {**(extra or {}), "state": _state_entries(*state)}
         return cls(
             time=_iso(time.time() if at is None else at),
             event=event,
@@ -277,16 +305,65 @@ class AuditRecord:
             raise AuditError(f"not an audit record: {exc}") from exc
 
     def chained(self, seq: int, prev: str) -> AuditRecord:
-        """This record as number ``seq`` of a chain whose previous hash is ``prev``."""
-        linked = dataclasses.replace(self, seq=seq, prev=prev, hash=None)
-        return dataclasses.replace(linked, hash=record_hash(linked.to_dict()))
+        """This record as number ``seq`` of a chain whose previous hash is ``prev``.
+
+        The canonical JSON is made once, in two halves split where ``hash`` sorts: joined,
+        they are the hashed body; with the hash between them, the line (kept for
+        :meth:`line`).
+        """
+        body = self.to_dict()
+        body["seq"], body["prev"] = seq, prev
+        body.pop("hash", None)
+        head = canonical_json({key: body.pop(key) for key in _BEFORE_HASH})
+        tail = canonical_json(body)
+        digest = hashlib.sha256(f"{head[:-1]},{tail[1:]}".encode("ascii")).hexdigest()
+        linked = object.__new__(AuditRecord)
+        for name in _FIELDS:
+            object.__setattr__(linked, name, getattr(self, name))
+        object.__setattr__(linked, "seq", seq)
+        object.__setattr__(linked, "prev", prev)
+        object.__setattr__(linked, "hash", digest)
+        object.__setattr__(linked, "_line", f'{head[:-1]},"hash":"{digest}",{tail[1:]}')
+        return linked
 
     def line(self) -> str:
         """The canonical JSON line (without the newline) a sink writes."""
-        return canonical_json(self.to_dict())
+        return self._line or canonical_json(self.to_dict())
+
+
+StateChange = tuple[Sequence[Any], Sequence[Decimal]]
+"""``(checks, observed)``: the state checks of a call and each one's total before it."""
+
+
+def _state_entries(checks: Sequence[Any], observed: Sequence[Decimal]) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for check, before in zip(checks, observed, strict=True):
+        if check.key in seen:  # two policies on one counter: it moved once
+            continue
+        seen.add(check.key)
+        dimension, scope, subject, window = check.key
+        entries.append(
+            {
+                "dimension": dimension,
+                "scope": scope,
+                "subject": subject,
+                "window": window or None,
+                "before": format(before, "f"),
+                "after": format(before + check.amount, "f"),
+            }
+        )
+    return entries
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(AuditRecord))
+_BEFORE_HASH = ("agent_id", "event", "extra", "fail_closed")
+"""The keys of a record that sort before ``hash`` (checked by the tests)."""
 
 
 def _latency(value: float | Decimal) -> str:
+    if type(value) is float and 0 <= value < 1e9:
+        return f"{value:.3f}"  # to the microsecond; the fast path of a hot writer
     return format(Decimal(str(value)).quantize(Decimal("0.001")), "f")
 
 
@@ -353,6 +430,10 @@ class AuditSink:
     def append(self, record: AuditRecord) -> AuditRecord:
         raise NotImplementedError
 
+    def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """Chain and store ``records`` in order; a sink may make them durable at once."""
+        return [self.append(record) for record in records]
+
     def close(self) -> None:
         """Release what the sink holds (nothing, by default)."""
 
@@ -398,8 +479,14 @@ class JsonlSink(AuditSink):
         return f"JsonlSink({str(self.path)!r})"
 
     def append(self, record: AuditRecord) -> AuditRecord:
+        return self.append_many((record,))[0]
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """Chain ``records`` onto the file's last one and write them with one fsync."""
         if fcntl is None:  # pragma: no cover - Windows
             raise AuditError("JsonlSink needs POSIX file locks (fcntl.flock)")
+        if not records:
+            return []
         with self._lock:
             try:
                 fd, created = self._open()
@@ -409,9 +496,15 @@ class JsonlSink(AuditSink):
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
                 seq, prev = _head(fd, size, self.path)
-                chained = record.chained(seq + 1, prev)
+                chained = []
+                for record in records:
+                    seq += 1
+                    link = record.chained(seq, prev)
+                    prev = link.hash or GENESIS
+                    chained.append(link)
+                data = "".join(link.line() + "\n" for link in chained).encode("ascii")
                 try:
-                    _write_all(fd, (chained.line() + "\n").encode("ascii"))
+                    _write_all(fd, data)
                     os.fsync(fd)
                 except OSError:
                     # Never acknowledged: take a partial line back off, so the chain goes on.
@@ -565,19 +658,33 @@ class AuditLog:
         params: Mapping[str, Any],
         *,
         latency_ms: float | Decimal | None = None,
+        state: StateChange | None = None,
         **extra: Any,
     ) -> AuditRecord:
         """Record ``event`` for ``decision``; returns the record as written (chained).
 
         Raises :class:`AuditError` when the record could not be made durable.
         """
+        return self.append(
+            self._build(event, decision, params, self.clock(), latency_ms, state, extra)
+        )
+
+    def _build(
+        self,
+        event: str,
+        decision: Decision,
+        params: Mapping[str, Any],
+        at: float,
+        latency_ms: float | Decimal | None,
+        state: StateChange | None,
+        extra: Mapping[str, Any],
+    ) -> AuditRecord:
         try:
-            record = AuditRecord.from_decision(
-                event, decision, params, at=self.clock(), latency_ms=latency_ms, extra=extra
+            return AuditRecord.from_decision(
+                event, decision, params, at=at, latency_ms=latency_ms, extra=extra, state=state
             )
         except Exception as exc:
             raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
-        return self.append(record)
 
     def write_request(self, event: str, request: ApprovalRequest, **extra: Any) -> AuditRecord:
         """Record ``event`` on an approval request (see :meth:`AuditRecord.from_request`)."""
@@ -589,6 +696,13 @@ class AuditLog:
 
     def append(self, record: AuditRecord) -> AuditRecord:
         """Run ``record`` through the processors, then chain and store it in the sink."""
+        return self.sink.append(self._processed(record))
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """:meth:`append` for many records, stored by the sink at once (one fsync for a file)."""
+        return self.sink.append_many([self._processed(record) for record in records])
+
+    def _processed(self, record: AuditRecord) -> AuditRecord:
         try:
             for step in self.processors:
                 record = step(record)
@@ -596,13 +710,197 @@ class AuditLog:
             raise
         except Exception as exc:
             raise AuditError(f"cannot process the audit record of {record.event!r}: {exc}") from exc
-        return self.sink.append(record)
+        return record
 
-    def __call__(self, event: str, decision: Decision, params: Mapping[str, Any]) -> None:
-        self.write(event, decision, params)
+    def __call__(
+        self,
+        event: str,
+        decision: Decision,
+        params: Mapping[str, Any],
+        *,
+        started: float | None = None,
+        state: StateChange | None = None,
+        **extra: Any,
+    ) -> None:
+        """The engine's hook: ``started`` is the call's ``time.perf_counter()`` at its start."""
+        latency = None if started is None else (time.perf_counter() - started) * 1000
+        self.write(event, decision, params, latency_ms=latency, state=state, **extra)
 
     def close(self) -> None:
         self.sink.close()
+
+
+class BufferedAuditLog:
+    """An :class:`AuditLog` written by a background thread: the engine's default audit.
+
+    A call only queues its record (no I/O on the call's path); every ``flush_interval``
+    seconds a writer thread builds, redacts and chains the queued records and stores them in
+    one batch (one ``fsync`` for a :class:`JsonlSink`). It fails closed: once a batch cannot
+    be written, every call raises :class:`AuditError` (so the engine blocks it) until a retry
+    succeeds; the unwritten records stay queued, in order, and nothing is dropped. When more
+    than ``max_pending`` records wait, calls are refused the same way. :meth:`flush` waits
+    until everything queued so far is written; it runs at :meth:`close` and at exit.
+
+    A record is durable within about ``flush_interval`` of the call, not before it: when a
+    record must be on disk before the action runs, pass an :class:`AuditLog` instead. With
+    buffering, the pre-action ``allowed`` record is not kept apart from its outcome: the
+    ``executed`` or ``failed`` record carries the same ALLOW decision, with latency and state.
+    """
+
+    def __init__(
+        self, log: AuditLog, *, flush_interval: float = 0.2, max_pending: int = 100_000
+    ) -> None:
+        if not isinstance(log, AuditLog):
+            raise TypeError(f"log must be an AuditLog, got {type(log).__name__}")
+        if not (isinstance(flush_interval, int | float) and 0 < flush_interval <= 60):
+            raise ValueError(f"flush_interval must be in (0, 60] seconds, got {flush_interval!r}")
+        if type(max_pending) is not int or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        self.log = log
+        self.flush_interval = float(flush_interval)
+        self.max_pending = max_pending
+        self._setup()
+        _buffered.add(self)
+
+    def _setup(self) -> None:
+        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._queued = 0  # records ever queued
+        self._written = 0  # records ever written
+        self._failure: BaseException | None = None
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"BufferedAuditLog({self.log.sink!r}, {len(self._queue)} queued)"
+
+    @property
+    def sink(self) -> AuditSink:
+        return self.log.sink
+
+    def __call__(
+        self,
+        event: str,
+        decision: Decision,
+        params: Mapping[str, Any],
+        *,
+        started: float | None = None,
+        state: StateChange | None = None,
+        **extra: Any,
+    ) -> None:
+        """Queue the record of ``event``; raise :class:`AuditError` if the log is failing."""
+        if self._failure is not None or len(self._queue) >= self.max_pending:
+            self._refuse()
+        if event == "allowed":
+            return  # its outcome record carries the decision (see the class docstring)
+        latency = None if started is None else (time.perf_counter() - started) * 1000
+        self._put((event, decision, dict(params), time.time(), latency, state, extra))
+
+    def write_request(self, event: str, request: ApprovalRequest, **extra: Any) -> None:
+        """Queue the record of ``event`` on an approval request."""
+        if self._failure is not None or len(self._queue) >= self.max_pending:
+            self._refuse()
+        self._put((event, request, None, time.time(), None, None, extra))
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        if self._closed:
+            raise AuditError("the audit log is closed")
+        self._queue.append(item)
+        self._queued += 1
+        if self._thread is None:
+            self._start()
+
+    def _refuse(self) -> None:
+        failure = self._failure
+        if failure is not None:
+            raise AuditError(f"the audit log cannot be written: {failure}") from failure
+        raise AuditError(
+            f"the audit log is {len(self._queue)} records behind (max_pending "
+            f"{self.max_pending}): the sink is too slow"
+        )
+
+    def _start(self) -> None:
+        with self._write_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="limenex-audit-writer", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self._write_queued()
+
+    def _write_queued(self) -> None:
+        with self._write_lock:
+            queue = self._queue
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
+                try:
+                    records = [self._record(item) for item in batch]
+                    self.log.append_many(records)
+                except BaseException as exc:
+                    queue.extendleft(reversed(batch))  # kept, in order, for the next try
+                    if self._failure is None:
+                        _log.error("limenex: the audit log cannot be written: %s", exc)
+                    self._failure = exc
+                    break
+                self._failure = None
+                with self._done:
+                    self._written += len(batch)
+                    self._done.notify_all()
+
+    def _record(self, item: tuple[Any, ...]) -> AuditRecord:
+        event, subject, params, at, latency, state, extra = item
+        if params is None:
+            return AuditRecord.from_request(event, subject, at=at, extra=extra)
+        return self.log._build(event, subject, params, at, latency, state, extra)
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        """Write everything queued so far; raise :class:`AuditError` if it cannot be written."""
+        target = self._queued
+        self._write_queued()
+        with self._done:
+            self._done.wait_for(lambda: self._written >= target, timeout=timeout)
+        if self._written < target:
+            self._refuse()
+
+    def close(self) -> None:
+        """Flush, stop the writer and close the sink."""
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._wake.set()
+            thread = self._thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
+            self.log.close()
+
+
+_buffered: weakref.WeakSet[BufferedAuditLog] = weakref.WeakSet()
+
+
+def _flush_at_exit() -> None:
+    for log in list(_buffered):
+        if not log._closed:
+            with contextlib.suppress(Exception):
+                log.flush(timeout=5)
+
+
+def _after_fork_in_child() -> None:
+    # Records queued before the fork belong to the parent, which writes them.
+    for log in list(_buffered):
+        log._setup()
+
+
+atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --- verification -----------------------------------------------------------------------------

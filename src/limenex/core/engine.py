@@ -29,9 +29,24 @@ import threading
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from concurrent.futures import Future
 from decimal import Decimal
+from time import perf_counter
 from types import CoroutineType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, cast
 
+from limenex.approvals import (
+    ApprovalRefused,
+    ApprovalRequest,
+    Approvals,
+    ApprovalStatus,
+    ApprovalStore,
+    InMemoryApprovalStore,
+    approval_store_for,
+    fingerprint,
+    request_from_decision,
+)
+from limenex.approvals.request import refused
+from limenex.audit import AuditLog, BufferedAuditLog, JsonlSink
+from limenex.audit import path_for as audit_path_for
 from limenex.core.clock import Clock, SystemClock
 from limenex.core.decision import Decision, Verdict
 from limenex.core.errors import (
@@ -73,7 +88,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 AuditHook = Callable[[str, Decision, Mapping[str, Any]], None]
-"""``(event, decision, params)``; events: ``decision``, ``executed``, ``failed``."""
+"""``(event, decision, params)``. Events: ``allowed`` (before the action runs), ``executed``,
+``failed``, ``blocked``, ``escalated``, ``resumed``. An :class:`~limenex.audit.AuditLog` or
+:class:`~limenex.audit.BufferedAuditLog` also gets ``started=`` (the call's
+``time.perf_counter()``), ``state=`` (the counters before and after) and ``request_id=``."""
+
+ActionBuilder = Callable[[dict[str, Any]], "Action"]
+"""``params -> action``: how a resumed approval request performs its action again."""
 
 Action = Callable[[], Any]
 """A zero-argument callable that performs the action (may return an awaitable)."""
@@ -88,8 +109,17 @@ class PolicyEngine:
     is the embedded durable store: SQLite in ``state.db`` beside the policy file, or in
     ``.limenex/state.db`` when the policies do not come from a file.
     ``llm_evaluator`` judges semantic policies (see :mod:`limenex.semantic`);
-    ``semantic_timeout`` bounds each judgement. ``audit_logger`` is called for every
-    decision and outcome; if it fails before the action, the action is blocked.
+    ``semantic_timeout`` bounds each judgement.
+
+    ``audit_logger`` is called for every decision and outcome; if it fails before the action,
+    the action is blocked. By default it is a :class:`~limenex.audit.BufferedAuditLog` to the
+    JSONL file :func:`limenex.audit.path_for` names (``audit.log`` beside a file or SQLite
+    state store, else ``.limenex/audit.log``); ``audit_logger=False`` turns auditing off.
+
+    An ESCALATE keeps an approval request (see :mod:`limenex.approvals`) in
+    ``approval_store``, by default the one kept next to the state store, valid for
+    ``approval_ttl`` seconds; ``on_escalation(request)`` (sync or async) is then told. Humans
+    act through :attr:`approvals`; :meth:`resume` runs an approved request's action once.
     """
 
     def __init__(
@@ -97,10 +127,13 @@ class PolicyEngine:
         policy_store: PolicyStore | str | os.PathLike[str],
         state_store: StateStore | str | None = None,
         llm_evaluator: Callable[..., Any] | None = None,
-        audit_logger: AuditHook | None = None,
+        audit_logger: AuditHook | Literal[False] | None = None,
         *,
         clock: Clock | None = None,
         semantic_timeout: float = 10.0,
+        approval_store: ApprovalStore | None = None,
+        approval_ttl: float = 24 * 3600.0,
+        on_escalation: Callable[[ApprovalRequest], Any] | None = None,
     ) -> None:
         if isinstance(policy_store, str | os.PathLike):
             policy_store = LocalFilePolicyStore(policy_store)
@@ -111,8 +144,16 @@ class PolicyEngine:
             )
         if llm_evaluator is not None and not callable(llm_evaluator):
             raise LimenexConfigError("llm_evaluator must be callable: (intent, rule) -> verdict")
-        if audit_logger is not None and not callable(audit_logger):
+        if audit_logger not in (None, False) and not callable(audit_logger):
             raise LimenexConfigError("audit_logger must be callable: (event, decision, params)")
+        if approval_store is not None and not isinstance(approval_store, ApprovalStore):
+            raise LimenexConfigError(
+                f"approval_store must be an ApprovalStore, got {type(approval_store).__name__}"
+            )
+        if type(approval_ttl) not in (int, float) or not 0 < approval_ttl < float("inf"):
+            raise LimenexConfigError("approval_ttl must be a positive number of seconds")
+        if on_escalation is not None and not callable(on_escalation):
+            raise LimenexConfigError("on_escalation must be callable: (request) -> None")
         if not semantic_timeout > 0:
             raise LimenexConfigError("semantic_timeout must be a positive number of seconds")
         # Last: a store opened (and a database file made) for a refused engine would leak.
@@ -129,7 +170,16 @@ class PolicyEngine:
         self.policy_store = policy_store
         self.state_store = state_store
         self.llm_evaluator = llm_evaluator
-        self.audit_logger = audit_logger
+        if audit_logger is None:
+            audit_logger = _default_audit_log(state_store)
+        self.audit_logger: AuditHook | None = audit_logger or None
+        # Our own logs take the call's latency, state change and request id too.
+        self._rich_audit = isinstance(audit_logger, AuditLog | BufferedAuditLog)
+        self._approval_store = approval_store
+        self.approval_ttl = float(approval_ttl)
+        self.on_escalation = on_escalation
+        self._approvals: Approvals | None = None
+        self._actions: dict[str, ActionBuilder] = {}
         self.clock: Clock = clock or SystemClock()
         self.semantic_timeout = float(semantic_timeout)
         self._compiled: dict[str, CompiledSkill] = {}
@@ -168,10 +218,17 @@ class PolicyEngine:
         return decision or allow_decision(plan)
 
     async def execute(
-        self, skill_id: str, agent_id: str, params: Mapping[str, Any], action: Action
+        self,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        action: Action,
+        *,
+        _approval: ApprovalRequest | None = None,
     ) -> Any:
         """Govern one call: decide, and on ALLOW run ``action()`` and settle the state."""
-        plan = self._plan(skill_id, agent_id, params)
+        started = perf_counter() if self._rich_audit else None
+        plan = self._plan(skill_id, agent_id, params, waive=_approval is not None)
         direct = self._store_is_direct  # sync-only stores are called inline: no extra await
         store = self.state_store
         reservation: Reservation | None = None
@@ -205,16 +262,28 @@ class PolicyEngine:
                 raise
         if decision is not None:
             await self._asettle(reservation, release=True)
-            self._refuse(plan, decision)
+            if decision.verdict is Verdict.ESCALATE and _approval is None:
+                await self._aescalate(plan, decision, started)
+            self._refuse(plan, decision, started, _approval)
+        if _approval is not None:
+            try:
+                used = await self.approval_store.aconsume(
+                    _approval.id, _approval.fingerprint, self.clock.now()
+                )
+            except BaseException:
+                await self._asettle(reservation, release=True)
+                raise
+            self._resumed(plan, used, started)
+        allowed = None
         if self.audit_logger is not None:
-            self._before_action(plan, reservation)
+            allowed = self._before_action(plan, reservation, started)
         try:
             result = action()
             if type(result) is CoroutineType or inspect.isawaitable(result):
                 result = await result
         except Exception:
             await self._asettle(reservation, release=True)
-            self._after_action(plan, "failed")
+            self._after_action(plan, "failed", allowed, started, None)
             raise
         except BaseException:
             await self._asettle(reservation, release=False)
@@ -224,19 +293,26 @@ class PolicyEngine:
                 self._settle(reservation, release=False)
             else:
                 await self._asettle(reservation, release=False)
-        if self.audit_logger is not None:
-            self._after_action(plan, "executed")
+        if allowed is not None:
+            self._after_action(plan, "executed", allowed, started, reservation)
         return result
 
     def execute_sync(
-        self, skill_id: str, agent_id: str, params: Mapping[str, Any], action: Action
+        self,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        action: Action,
+        *,
+        _approval: ApprovalRequest | None = None,
     ) -> Any:
         """:meth:`execute` for synchronous code; safe from many threads and inside a loop.
 
         The action must not return an awaitable: a coroutine cannot be run to completion
         here, so the call is refused (and the coroutine closed) rather than counted as done.
         """
-        plan = self._plan(skill_id, agent_id, params)
+        started = perf_counter() if self._rich_audit else None
+        plan = self._plan(skill_id, agent_id, params, waive=_approval is not None)
         store = self.state_store
         reservation: Reservation | None = None
         decision = plan.breach
@@ -262,14 +338,26 @@ class PolicyEngine:
                 raise
         if decision is not None:
             self._settle(reservation, release=True)
-            self._refuse(plan, decision)
+            if decision.verdict is Verdict.ESCALATE and _approval is None:
+                self._escalate(plan, decision, started)
+            self._refuse(plan, decision, started, _approval)
+        if _approval is not None:
+            try:
+                used = self.approval_store.consume(
+                    _approval.id, _approval.fingerprint, self.clock.now()
+                )
+            except BaseException:
+                self._settle(reservation, release=True)
+                raise
+            self._resumed(plan, used, started)
+        allowed = None
         if self.audit_logger is not None:
-            self._before_action(plan, reservation)
+            allowed = self._before_action(plan, reservation, started)
         try:
             result = action()
         except Exception:
             self._settle(reservation, release=True)
-            self._after_action(plan, "failed")
+            self._after_action(plan, "failed", allowed, started, None)
             raise
         except BaseException:
             self._settle(reservation, release=False)
@@ -283,8 +371,8 @@ class PolicyEngine:
                 "govern async executors with an async skill or an `async def` function"
             )
         self._settle(reservation, release=False)
-        if self.audit_logger is not None:
-            self._after_action(plan, "executed")
+        if allowed is not None:
+            self._after_action(plan, "executed", allowed, started, reservation)
         return result
 
     def governed(
@@ -306,6 +394,7 @@ class PolicyEngine:
             self._check_signature(skill_id, fn, signature)
 
             bind = _binder(skill_id, signature, agent_id_param)
+            self.register_action(skill_id, _rebuilder(fn, signature))
 
             if _is_async_callable(fn):
 
@@ -330,13 +419,120 @@ class PolicyEngine:
 
         return decorate
 
+    def register_action(self, skill_id: str, build: ActionBuilder) -> None:
+        """How :meth:`resume` performs ``skill_id``'s action: ``build(params)`` -> action.
+
+        The built-in skills and :meth:`governed` register theirs; a skill made again (in a new
+        process, after a restart) registers again, and the last one made is used.
+        """
+        if not callable(build):
+            raise LimenexConfigError(f"{skill_id}: the action builder must be callable")
+        self._actions[skill_id] = build
+
+    @property
+    def approval_store(self) -> ApprovalStore:
+        """Where approval requests are kept (by default next to the state store)."""
+        store = self._approval_store
+        if store is None:
+            try:
+                store = approval_store_for(self.state_store)
+            except LimenexConfigError:
+                log.warning(
+                    "limenex: no approval store is known for %s; approval requests are kept "
+                    "in memory and lost when the process ends (pass approval_store=)",
+                    type(self.state_store).__name__,
+                )
+                store = InMemoryApprovalStore()
+            self._approval_store = store
+        return store
+
+    @property
+    def approvals(self) -> Approvals:
+        """Approval requests, for humans: ``await engine.approvals.approve(id, approver=)``."""
+        if self._approvals is None:
+            hook = self.audit_logger
+            audit = hook if isinstance(hook, AuditLog | BufferedAuditLog) else None
+            self._approvals = Approvals(self.approval_store, audit=audit, clock=self.clock.now)
+        return self._approvals
+
+    async def resume(self, request_id: str) -> Any:
+        """Run an approved request's action once and return its result.
+
+        The call is evaluated again as it is now: the ESCALATE policies are waived for this
+        exact call, every BLOCK policy still applies (:class:`BlockedError`, and the request
+        stays approved). The approval is consumed atomically just before the action runs, so
+        of any number of resumes, in any process, one runs it; the others, and any denied,
+        expired, unknown or pending request, raise
+        :class:`~limenex.approvals.ApprovalRefused`.
+        """
+        found = await self.approval_store.aget(request_id, self.clock.now())
+        try:
+            request, params, action = self._resumable(request_id, found)
+            return await self.execute(
+                request.skill_id, request.agent_id, params, action, _approval=request
+            )
+        except ApprovalRefused as refusal:
+            self._refused_resume(found, refusal)
+            raise
+
+    def resume_sync(self, request_id: str) -> Any:
+        """:meth:`resume` for synchronous code and synchronous executors."""
+        found = self.approval_store.get(request_id, self.clock.now())
+        try:
+            request, params, action = self._resumable(request_id, found)
+            return self.execute_sync(
+                request.skill_id, request.agent_id, params, action, _approval=request
+            )
+        except ApprovalRefused as refusal:
+            self._refused_resume(found, refusal)
+            raise
+
+    def _refused_resume(self, request: ApprovalRequest | None, refusal: ApprovalRefused) -> None:
+        """Audit a refused resume of a known request (``refused``, with ``why``)."""
+        hook = self.audit_logger
+        if request is None or not isinstance(hook, AuditLog | BufferedAuditLog):
+            return
+        try:
+            hook.write_request("refused", request, why=refusal.why)
+        except Exception:
+            log.exception("limenex: audit sink failed for a refused resume of %s", request.id)
+
+    def _resumable(
+        self, request_id: str, request: ApprovalRequest | None
+    ) -> tuple[ApprovalRequest, dict[str, Any], Action]:
+        if request is None or request.status is not ApprovalStatus.APPROVED:
+            raise refused(request_id, None if request is None else request.status, "resume")
+        build = self._actions.get(request.skill_id)
+        if build is None:
+            raise LimenexConfigError(
+                f"cannot resume approval request {request_id!r}: no executor for skill "
+                f"{request.skill_id!r} is registered with this engine; make the skill "
+                "(e.g. make_spend(engine, registry) or @engine.governed) before resuming"
+            )
+        params = request.call_params()
+        if fingerprint(request.skill_id, request.agent_id, params) != request.fingerprint:
+            raise ApprovalRefused(
+                f"cannot resume approval request {request_id!r}: its kept params no longer "
+                "match its fingerprint (the stored request was changed)",
+                request_id=request_id,
+                why="fingerprint",
+            )
+        return request, params, build(params)
+
     def close(self) -> None:
-        """Stop the helper thread used for async evaluators on the sync path; close the store."""
+        """Stop helper threads, flush the audit log, close the stores."""
         with self._loop_lock:
             if self._loop_thread is not None:
                 self._loop_thread.stop()
                 self._loop_thread = None
-        self.state_store.close()
+        try:
+            closer = getattr(self.audit_logger, "close", None)
+            if self._rich_audit and closer is not None:
+                closer()
+        finally:
+            if self._approval_store is not None:
+                self._approval_store.close()
+            self.state_store.close()
 
     # --- planning ---------------------------------------------------------------------------
 
@@ -362,11 +558,18 @@ class PolicyEngine:
             self._compiled[skill_id] = compiled
         return compiled
 
-    def _plan(self, skill_id: str, agent_id: object, params: Mapping[str, Any]) -> Plan:
+    def _plan(
+        self, skill_id: str, agent_id: object, params: Mapping[str, Any], waive: bool = False
+    ) -> Plan:
         try:
             if type(agent_id) is not str or not agent_id:
                 check_agent_id(agent_id)  # raises, naming the argument
-            return plan_call(self.skill(skill_id), agent_id, params)  # type: ignore[arg-type]
+            return plan_call(
+                self.skill(skill_id),
+                agent_id,  # type: ignore[arg-type]
+                params,
+                waive_escalate=waive,
+            )
         except InvalidArgumentError as exc:
             if exc.decision is None:
                 exc.decision = Decision(
@@ -533,31 +736,136 @@ class PolicyEngine:
 
     # --- verdicts and audit -----------------------------------------------------------------
 
-    def _refuse(self, plan: Plan, decision: Decision) -> None:
-        self._audit("decision", decision, plan.params, fail_closed=False)
-        if decision.verdict is Verdict.ESCALATE:
-            raise EscalationRequired(decision)
+    def _refuse(
+        self,
+        plan: Plan,
+        decision: Decision,
+        started: float | None,
+        approval: ApprovalRequest | None = None,
+    ) -> NoReturn:
+        if decision.verdict is Verdict.ESCALATE:  # on resume: the waiver could not apply
+            decision = _failure_decision(
+                plan.skill.skill_id,
+                plan.agent_id,
+                "the resume",
+                LimenexConfigError(f"an ESCALATE remained: {decision.reason}"),
+            )
+        extra = {} if approval is None else {"request_id": approval.id}
+        self._audit("blocked", decision, plan.params, fail_closed=False, started=started, **extra)
         raise BlockedError(decision)
 
-    def _before_action(self, plan: Plan, reservation: Reservation | None) -> None:
+    def _new_request(self, plan: Plan, decision: Decision) -> ApprovalRequest:
         try:
-            self._audit("decision", allow_decision(plan), plan.params, fail_closed=True)
+            return request_from_decision(
+                decision, plan.params, now=self.clock.now(), ttl=self.approval_ttl
+            )
+        except Exception as exc:
+            raise self._fail(plan, "keeping the approval request", exc) from exc
+
+    def _escalated(
+        self, plan: Plan, decision: Decision, request: ApprovalRequest, started: float | None
+    ) -> EscalationRequired:
+        self._audit(
+            "escalated",
+            decision,
+            plan.params,
+            fail_closed=False,
+            started=started,
+            request_id=request.id,
+        )
+        return EscalationRequired(decision, request.id)
+
+    def _escalate(self, plan: Plan, decision: Decision, started: float | None) -> NoReturn:
+        request = self._new_request(plan, decision)
+        try:
+            self.approval_store.create(request)
+        except Exception as exc:
+            raise self._fail(plan, "the approval store", exc) from exc
+        signal = self._escalated(plan, decision, request, started)
+        notify = self.on_escalation
+        if notify is not None:
+            try:
+                if _is_async_callable(notify):
+                    loop = self._background_loop()
+                    asyncio.run_coroutine_threadsafe(_notified(notify, request), loop).result()
+                else:
+                    _check_notified(notify(request))
+            except Exception:
+                log.exception("limenex: on_escalation failed for request %s", request.id)
+        raise signal
+
+    async def _aescalate(self, plan: Plan, decision: Decision, started: float | None) -> NoReturn:
+        request = self._new_request(plan, decision)
+        try:
+            await self.approval_store.acreate(request)
+        except Exception as exc:
+            raise self._fail(plan, "the approval store", exc) from exc
+        signal = self._escalated(plan, decision, request, started)
+        notify = self.on_escalation
+        if notify is not None:
+            try:
+                await _notified(notify, request)
+            except Exception:
+                log.exception("limenex: on_escalation failed for request %s", request.id)
+        raise signal
+
+    def _resumed(self, plan: Plan, request: ApprovalRequest, started: float | None) -> None:
+        self._audit(
+            "resumed",
+            allow_decision(plan),
+            plan.params,
+            fail_closed=False,
+            started=started,
+            request_id=request.id,
+            approved_by=request.decided_by,
+        )
+
+    def _before_action(
+        self, plan: Plan, reservation: Reservation | None, started: float | None
+    ) -> Decision:
+        allowed = allow_decision(plan)
+        try:
+            self._audit("allowed", allowed, plan.params, fail_closed=True, started=started)
         except BlockedError:
             self._settle(reservation, release=True)
             raise
+        return allowed
 
-    def _after_action(self, plan: Plan, event: str) -> None:
-        if self.audit_logger is not None:
-            self._audit(event, allow_decision(plan), plan.params, fail_closed=False)
+    def _after_action(
+        self,
+        plan: Plan,
+        event: str,
+        allowed: Decision | None,
+        started: float | None,
+        reservation: Reservation | None,
+    ) -> None:
+        if allowed is None:
+            return
+        if reservation is None or not self._rich_audit:
+            self._audit(event, allowed, plan.params, fail_closed=False, started=started)
+        else:
+            state = (plan.checks, reservation.observed)
+            self._audit(
+                event, allowed, plan.params, fail_closed=False, started=started, state=state
+            )
 
     def _audit(
-        self, event: str, decision: Decision, params: Mapping[str, Any], *, fail_closed: bool
+        self,
+        event: str,
+        decision: Decision,
+        params: Mapping[str, Any],
+        *,
+        fail_closed: bool,
+        **extra: Any,
     ) -> None:
         hook = self.audit_logger
         if hook is None:
             return
         try:
-            hook(event, decision, params)
+            if self._rich_audit:
+                hook(event, decision, params, **extra)
+            else:
+                hook(event, decision, params)
         except Exception as exc:
             if fail_closed:
                 raise BlockedError(
@@ -567,7 +875,7 @@ class PolicyEngine:
 
     def _fail(self, plan: Plan, what: str, exc: BaseException) -> BlockedError:
         decision = self._failure(plan.skill.skill_id, plan.agent_id, what, exc)
-        self._audit("decision", decision, plan.params, fail_closed=False)
+        self._audit("blocked", decision, plan.params, fail_closed=False)
         return BlockedError(decision)
 
     @staticmethod
@@ -608,6 +916,47 @@ async def _resumed(coro: Coroutine[Any, Any, R], suspended_on: Any) -> R:
                 suspended_on = coro.send(sent)
             except StopIteration as done:
                 return cast(R, done.value)
+
+
+async def _notified(notify: Callable[[ApprovalRequest], Any], request: ApprovalRequest) -> None:
+    """Tell ``notify`` about ``request``: sync ones on a worker thread; 10 s at most."""
+    async with asyncio.timeout(_NOTIFY_TIMEOUT):
+        if _is_async_callable(notify):
+            answer = notify(request)
+        else:
+            answer = await asyncio.to_thread(notify, request)
+        if inspect.isawaitable(answer):
+            await answer
+
+
+def _check_notified(answer: object) -> None:
+    if inspect.iscoroutine(answer):
+        answer.close()
+        raise LimenexConfigError("on_escalation returned a coroutine: make it `async def`")
+
+
+_NOTIFY_TIMEOUT = 10.0
+
+
+def _default_audit_log(state_store: StateStore) -> BufferedAuditLog:
+    """A buffered JSONL audit log at :func:`limenex.audit.path_for` the state store."""
+    return BufferedAuditLog(AuditLog(JsonlSink(audit_path_for(state_store))))
+
+
+def _rebuilder(fn: Callable[..., Any], signature: inspect.Signature) -> ActionBuilder:
+    """``params -> action`` calling ``fn`` with the params a governed call bound."""
+    kinds = inspect.Parameter
+    positional = [p.name for p in signature.parameters.values() if p.kind is kinds.POSITIONAL_ONLY]
+    star = [p.name for p in signature.parameters.values() if p.kind is kinds.VAR_POSITIONAL]
+
+    def build(params: dict[str, Any]) -> Action:
+        kwargs = dict(params)
+        args = [kwargs.pop(name) for name in positional if name in kwargs]
+        for name in star:
+            args.extend(kwargs.pop(name, ()))
+        return lambda: fn(*args, **kwargs)
+
+    return build
 
 
 def _default_state_store(policy_store: PolicyStore) -> StateStore:

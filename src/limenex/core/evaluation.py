@@ -217,6 +217,9 @@ def compile_skill(skill_id: str, source: SkillPolicies) -> CompiledSkill:
 MAX_DECIMAL_PLACES = 18
 """An amount may have at most this many digits after the decimal point."""
 MAX_AMOUNT = Decimal(10) ** 30
+
+WAIVED_LIMIT = Decimal(10) ** 36
+"""The limit of a waived ESCALATE check: out of reach of any total the engine can count."""
 """Amounts are refused from this magnitude on: totals stay exact far beyond any budget."""
 _QUANTUM = Decimal(1).scaleb(-MAX_DECIMAL_PLACES)
 _DROP_ZEROS = Context(prec=96, traps=[Inexact, InvalidOperation])  # rounding zeros away is fine
@@ -333,11 +336,18 @@ class Plan:
         self.breach = breach  # the first stateless breach, if any
 
 
-def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) -> Plan:
+def plan_call(
+    skill: CompiledSkill, agent_id: str, params: Mapping[str, Any], *, waive_escalate: bool = False
+) -> Plan:
     """Check the arguments, then decide the stateless policies in order.
 
     Stops at the first stateless breach: later policies are irrelevant, so no check or
     semantic rule after it is planned.
+
+    ``waive_escalate`` plans the resume of an approved request: a policy whose breach verdict
+    is ESCALATE cannot decide the call (a human approved exactly this call), so a stateless
+    one is passed over, a semantic one is not asked, and a stateful one still counts the
+    amount but with :data:`WAIVED_LIMIT` for a limit. BLOCK policies apply unchanged.
     """
     amounts: dict[str, Decimal] = {}
     for name, kind in skill.arg_checks:
@@ -369,7 +379,12 @@ def plan_call(skill: CompiledSkill, agent_id: str, params: Mapping[str, Any]) ->
             amount = _ONE if step.param is None else amounts[step.param]
             subject = agent_id if step.agent_scoped else step.subject(agent_id, params)
             key = _new(CounterKey, (step.dimension, step.scope_name, subject, step.window_spec))
-            checks.append(_new(Check, (step.index, key, step.window, amount, step.op, step.limit)))
+            op, limit = step.op, step.limit
+            if waive_escalate and step.policy.breach_verdict is Verdict.ESCALATE:
+                op, limit = "lte", WAIVED_LIMIT
+            checks.append(_new(Check, (step.index, key, step.window, amount, op, limit)))
+        elif waive_escalate and step.policy.breach_verdict is Verdict.ESCALATE:
+            continue
         elif type(step) is _PerCall:
             value = amounts[step.param]  # type: ignore[index]
             if not step.test(value, step.limit):

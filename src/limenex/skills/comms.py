@@ -17,6 +17,12 @@ def make_send(
     """``await send(agent_id=, channel=, recipient=, text=)``; executor: ``recipient=, text=``."""
     lookup = executor_lookup("comms.send", "channel", registry)
 
+    def action(params: dict[str, Any]) -> Callable[[], Any]:
+        executor = lookup(params["channel"])
+        return lambda: executor(recipient=params["recipient"], text=params["text"])
+
+    engine.register_action("comms.send", action)
+
     async def send(*, agent_id: str, channel: str, recipient: str, text: str) -> Any:
         """Send ``text`` to ``recipient`` over ``channel``, if the policies allow it."""
         executor = lookup(channel)

@@ -50,6 +50,10 @@ def make_write(
 ) -> Callable[..., Any]:
     """``write(agent_id=, filepath=, content=)``; the executor gets ``filepath=, content=``."""
     act = executor or _write_file
+    engine.register_action(
+        "filesystem.write",
+        lambda params: lambda: act(filepath=params["filepath"], content=params["content"]),
+    )
 
     def write(*, agent_id: str, filepath: PathArg, content: str | bytes) -> Any:
         """Write ``content`` to ``filepath``, if the policies allow it."""
@@ -73,6 +77,9 @@ def make_delete(
 ) -> Callable[..., Any]:
     """``delete(agent_id=, filepath=)``; the executor gets ``filepath=``."""
     act = executor or _delete_file
+    engine.register_action(
+        "filesystem.delete", lambda params: lambda: act(filepath=params["filepath"])
+    )
 
     def delete(*, agent_id: str, filepath: PathArg) -> Any:
         """Delete the file at ``filepath``, if the policies allow it."""
@@ -91,6 +98,9 @@ def make_move(
 ) -> Callable[..., Any]:
     """``move(agent_id=, src=, dst=)``; the executor gets ``src=, dst=``."""
     act = executor or _move_file
+    engine.register_action(
+        "filesystem.move", lambda params: lambda: act(src=params["src"], dst=params["dst"])
+    )
 
     def move(*, agent_id: str, src: PathArg, dst: PathArg) -> Any:
         """Move ``src`` to ``dst``, if the policies allow it."""

@@ -20,6 +20,12 @@ def make_spend(
     """``await spend(agent_id=, service=, amount_usd=)``; the executor gets ``amount_usd=``."""
     lookup = executor_lookup("finance.spend", "service", registry)
 
+    def action(params: dict[str, Any]) -> Callable[[], Any]:
+        executor = lookup(params["service"])
+        return lambda: executor(amount_usd=params["amount_usd"])
+
+    engine.register_action("finance.spend", action)
+
     async def spend(*, agent_id: str, service: str, amount_usd: Amount) -> Any:
         """Spend ``amount_usd`` US dollars on ``service``, if the policies allow it."""
         executor = lookup(service)
@@ -40,6 +46,12 @@ def make_charge(
     The executor gets ``amount=, currency=``.
     """
     lookup = executor_lookup("finance.charge", "provider", registry)
+
+    def action(params: dict[str, Any]) -> Callable[[], Any]:
+        executor = lookup(params["provider"])
+        return lambda: executor(amount=params["amount"], currency=params["currency"])
+
+    engine.register_action("finance.charge", action)
 
     async def charge(*, agent_id: str, provider: str, amount: Amount, currency: str) -> Any:
         """Charge ``amount`` in ``currency`` through ``provider``, if the policies allow it."""

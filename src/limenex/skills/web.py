@@ -17,6 +17,12 @@ def make_post(
     """``await post(agent_id=, destination=, payload=)``; the executor gets ``payload=``."""
     lookup = executor_lookup("web.post", "destination", registry)
 
+    def action(params: dict[str, Any]) -> Callable[[], Any]:
+        executor = lookup(params["destination"])
+        return lambda: executor(payload=params["payload"])
+
+    engine.register_action("web.post", action)
+
     async def post(*, agent_id: str, destination: str, payload: Any) -> Any:
         """Post ``payload`` to ``destination``, if the policies allow it."""
         executor = lookup(destination)
