@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: demo test install dev services lint typecheck bench clean
+.PHONY: demo test install dev services chromium lint typecheck bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 services:
 	bash scripts/ensure-services.sh
 
+## chromium: make sure Debian's Chromium is installed (the inbox's browser tests drive it)
+chromium:
+	bash scripts/ensure-chromium.sh
+
 lint: dev
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
@@ -32,8 +36,8 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
-## test: install the dev extras, make sure the servers run, lint, type-check, run the suite
-test: dev services lint typecheck
+## test: install the dev extras, make sure the servers and Chromium are there, lint, type-check, run the suite
+test: dev services chromium lint typecheck
 	$(BIN)/pytest
 
 ## bench: the performance table in the README (not part of the test suite)

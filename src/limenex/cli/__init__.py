@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import click
 
+from limenex.cli.approvals import approvals
 from limenex.cli.audit import audit
+from limenex.cli.serve import serve
 from limenex.cli.state import state
 from limenex.cli.validate import schema, validate
 
@@ -25,3 +27,5 @@ main.add_command(validate)
 main.add_command(schema)
 main.add_command(state)
 main.add_command(audit)
+main.add_command(approvals)
+main.add_command(serve)
