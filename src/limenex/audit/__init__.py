@@ -46,7 +46,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from limenex.core.decision import Decision
+from limenex.core.decision import Decision, allowed_decision
 from limenex.core.errors import LimenexRuntimeError
 
 if TYPE_CHECKING:
@@ -764,11 +764,8 @@ class BufferedAuditLog:
 
     def _setup(self) -> None:
         self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._queued = 0  # records ever queued
-        self._written = 0  # records ever written
         self._failure: BaseException | None = None
         self._wake = threading.Event()
-        self._done = threading.Condition()
         self._write_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -791,12 +788,38 @@ class BufferedAuditLog:
         **extra: Any,
     ) -> None:
         """Queue the record of ``event``; raise :class:`AuditError` if the log is failing."""
-        if self._failure is not None or len(self._queue) >= self.max_pending:
+        if self._failure is not None or self._closed or len(self._queue) >= self.max_pending:
             self._refuse()
         if event == "allowed":
             return  # its outcome record carries the decision (see the class docstring)
         latency = None if started is None else (time.perf_counter() - started) * 1000
         self._put((event, decision, dict(params), time.time(), latency, state, extra))
+
+    def admits(self) -> bool:
+        """Whether a call may run now: the log is writing, open and not too far behind."""
+        return self._failure is None and not self._closed and len(self._queue) < self.max_pending
+
+    def outcome(
+        self,
+        event: str,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        started: float | None,
+        state: StateChange | None = None,
+    ) -> None:
+        """Queue the ``executed`` or ``failed`` record of an allowed call; never raises.
+
+        The engine's path for an allowed call, after :meth:`admits`: the ALLOW decision is
+        made by the writer. The action has happened, so the record is queued even when the
+        log is failing or closed (it is written when the log recovers, or at exit).
+        """
+        latency = None if started is None else (time.perf_counter() - started) * 1000
+        self._queue.append(
+            (event, (skill_id, agent_id), dict(params), time.time(), latency, state, _NOTHING)
+        )
+        if self._thread is None:
+            self._start()
 
     def write_request(self, event: str, request: ApprovalRequest, **extra: Any) -> None:
         """Queue the record of ``event`` on an approval request."""
@@ -808,7 +831,6 @@ class BufferedAuditLog:
         if self._closed:
             raise AuditError("the audit log is closed")
         self._queue.append(item)
-        self._queued += 1
         if self._thread is None:
             self._start()
 
@@ -816,6 +838,8 @@ class BufferedAuditLog:
         failure = self._failure
         if failure is not None:
             raise AuditError(f"the audit log cannot be written: {failure}") from failure
+        if self._closed:
+            raise AuditError("the audit log is closed")
         raise AuditError(
             f"the audit log is {len(self._queue)} records behind (max_pending "
             f"{self.max_pending}): the sink is too slow"
@@ -850,23 +874,23 @@ class BufferedAuditLog:
                     self._failure = exc
                     break
                 self._failure = None
-                with self._done:
-                    self._written += len(batch)
-                    self._done.notify_all()
 
     def _record(self, item: tuple[Any, ...]) -> AuditRecord:
         event, subject, params, at, latency, state, extra = item
         if params is None:
             return AuditRecord.from_request(event, subject, at=at, extra=extra)
+        if type(subject) is tuple:  # an allowed call's outcome (see outcome())
+            subject = allowed_decision(*subject)
         return self.log._build(event, subject, params, at, latency, state, extra)
 
-    def flush(self, timeout: float | None = 10.0) -> None:
-        """Write everything queued so far; raise :class:`AuditError` if it cannot be written."""
-        target = self._queued
+    def flush(self) -> None:
+        """Write everything queued so far; raise :class:`AuditError` if it cannot be written.
+
+        It writes in the calling thread, under the writer's lock: when it returns, every
+        record queued before the call is in the sink, or the log is failing.
+        """
         self._write_queued()
-        with self._done:
-            self._done.wait_for(lambda: self._written >= target, timeout=timeout)
-        if self._written < target:
+        if self._failure is not None:
             self._refuse()
 
     def close(self) -> None:
@@ -882,6 +906,7 @@ class BufferedAuditLog:
             self.log.close()
 
 
+_NOTHING: Mapping[str, Any] = {}
 _buffered: weakref.WeakSet[BufferedAuditLog] = weakref.WeakSet()
 
 
@@ -889,7 +914,7 @@ def _flush_at_exit() -> None:
     for log in list(_buffered):
         if not log._closed:
             with contextlib.suppress(Exception):
-                log.flush(timeout=5)
+                log.flush()
 
 
 def _after_fork_in_child() -> None:

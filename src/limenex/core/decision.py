@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from limenex.core.policy import Policy
 
-__all__ = ["Decision", "Verdict"]
+__all__ = ["Decision", "Verdict", "allowed_decision"]
 
 
 class Verdict(enum.StrEnum):
@@ -161,3 +161,10 @@ _set_fail_closed = _setter("fail_closed")
 
 def _dec(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
+
+
+def allowed_decision(skill_id: str, agent_id: str) -> Decision:
+    """The ALLOW decision of a call of ``skill_id`` by ``agent_id`` that breached no policy."""
+    return Decision(
+        Verdict.ALLOW, skill_id, agent_id, f"{skill_id}: allowed, no policy was breached."
+    )

@@ -175,6 +175,8 @@ class PolicyEngine:
         self.audit_logger: AuditHook | None = audit_logger or None
         # Our own logs take the call's latency, state change and request id too.
         self._rich_audit = isinstance(audit_logger, AuditLog | BufferedAuditLog)
+        # The buffered log takes an allowed call's outcome straight from the call's path.
+        self._buffer = audit_logger if isinstance(audit_logger, BufferedAuditLog) else None
         self._approval_store = approval_store
         self.approval_ttl = float(approval_ttl)
         self.on_escalation = on_escalation
@@ -275,7 +277,11 @@ class PolicyEngine:
                 raise
             self._resumed(plan, used, started)
         allowed = None
-        if self.audit_logger is not None:
+        buffer = self._buffer
+        if buffer is not None:
+            if not buffer.admits():
+                self._before_action(plan, reservation, started)  # raises the BLOCK
+        elif self.audit_logger is not None:
             allowed = self._before_action(plan, reservation, started)
         try:
             result = action()
@@ -283,7 +289,10 @@ class PolicyEngine:
                 result = await result
         except Exception:
             await self._asettle(reservation, release=True)
-            self._after_action(plan, "failed", allowed, started, None)
+            if buffer is not None:
+                buffer.outcome("failed", plan.skill.skill_id, plan.agent_id, plan.params, started)
+            else:
+                self._after_action(plan, "failed", allowed, started, None)
             raise
         except BaseException:
             await self._asettle(reservation, release=False)
@@ -293,7 +302,16 @@ class PolicyEngine:
                 self._settle(reservation, release=False)
             else:
                 await self._asettle(reservation, release=False)
-        if allowed is not None:
+        if buffer is not None:
+            buffer.outcome(
+                "executed",
+                plan.skill.skill_id,
+                plan.agent_id,
+                plan.params,
+                started,
+                None if reservation is None else (plan.checks, reservation.observed),
+            )
+        elif allowed is not None:
             self._after_action(plan, "executed", allowed, started, reservation)
         return result
 
@@ -351,13 +369,20 @@ class PolicyEngine:
                 raise
             self._resumed(plan, used, started)
         allowed = None
-        if self.audit_logger is not None:
+        buffer = self._buffer
+        if buffer is not None:
+            if not buffer.admits():
+                self._before_action(plan, reservation, started)  # raises the BLOCK
+        elif self.audit_logger is not None:
             allowed = self._before_action(plan, reservation, started)
         try:
             result = action()
         except Exception:
             self._settle(reservation, release=True)
-            self._after_action(plan, "failed", allowed, started, None)
+            if buffer is not None:
+                buffer.outcome("failed", plan.skill.skill_id, plan.agent_id, plan.params, started)
+            else:
+                self._after_action(plan, "failed", allowed, started, None)
             raise
         except BaseException:
             self._settle(reservation, release=False)
@@ -371,7 +396,16 @@ class PolicyEngine:
                 "govern async executors with an async skill or an `async def` function"
             )
         self._settle(reservation, release=False)
-        if allowed is not None:
+        if buffer is not None:
+            buffer.outcome(
+                "executed",
+                plan.skill.skill_id,
+                plan.agent_id,
+                plan.params,
+                started,
+                None if reservation is None else (plan.checks, reservation.observed),
+            )
+        elif allowed is not None:
             self._after_action(plan, "executed", allowed, started, reservation)
         return result
 

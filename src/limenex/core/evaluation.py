@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
-from limenex.core.decision import Decision, Verdict
+from limenex.core.decision import Decision, Verdict, allowed_decision
 from limenex.core.errors import InvalidArgumentError, LimenexConfigError
 from limenex.core.policy import DeterministicPolicy, Policy, SemanticPolicy, SkillPolicies
 from limenex.core.state import EXACT, OPERATORS, Check, CounterKey, StateBreach
@@ -488,12 +488,7 @@ def _decision(
 
 
 def allow_decision(plan: Plan) -> Decision:
-    return Decision(
-        Verdict.ALLOW,
-        plan.skill.skill_id,
-        plan.agent_id,
-        f"{plan.skill.skill_id}: allowed, no policy was breached.",
-    )
+    return allowed_decision(plan.skill.skill_id, plan.agent_id)
 
 
 def first_state_breach(checks: list[Check], totals: tuple[Decimal, ...]) -> StateBreach | None:

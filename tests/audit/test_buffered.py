@@ -1,0 +1,217 @@
+"""The engine's default audit: a buffered log written by a background thread, failing closed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from limenex.audit import (
+    AuditError,
+    AuditLog,
+    AuditRecord,
+    BufferedAuditLog,
+    JsonlSink,
+    MemorySink,
+    verify,
+)
+from limenex.core.engine import BlockedError, PolicyEngine
+from limenex.core.policy_store import InMemoryPolicyStore
+
+POLICY = """
+finance.spend:
+  policies:
+    - type: deterministic
+      dimension: spend_usd
+      param: amount_usd
+      operator: lte
+      value: 1000000
+      breach_verdict: BLOCK
+"""
+
+
+class FlakySink(MemorySink):
+    """A memory sink whose writes fail while ``down`` is set (a disk that filled up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.batches: list[int] = []
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        if self.down:
+            raise AuditError("disk full")
+        self.batches.append(len(records))
+        return super().append_many(records)
+
+
+def engine_with(log: BufferedAuditLog) -> PolicyEngine:
+    return PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(POLICY),
+        state_store="memory://",
+        audit_logger=log,
+    )
+
+
+def spend(engine: PolicyEngine, ran: list[int], n: int) -> None:
+    engine.execute_sync(
+        "finance.spend", "agent-1", {"amount_usd": 1, "n": n}, lambda: ran.append(n)
+    )
+
+
+def test_calls_queue_records_and_a_flush_writes_them_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = BufferedAuditLog(AuditLog(JsonlSink(path)), flush_interval=60)
+    engine = engine_with(log)
+    ran: list[int] = []
+    for n in range(1, 201):
+        spend(engine, ran, n)
+    assert not path.exists() or path.stat().st_size == 0  # nothing written on the call path
+    log.flush()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["params"]["n"] for r in records] == list(range(1, 201))
+    assert {r["event"] for r in records} == {"executed"}
+    assert records[-1]["extra"]["state"][0]["after"] == "200"
+    assert all(r["latency_ms"] is not None for r in records)
+    assert verify(path).ok
+    engine.close()
+
+
+def test_the_writer_thread_writes_within_its_interval(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    engine = engine_with(BufferedAuditLog(AuditLog(JsonlSink(path)), flush_interval=0.05))
+    spend(engine, [], 1)
+    deadline = time.monotonic() + 10
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert verify(path).count == 1
+    engine.close()
+
+
+def test_threads_calling_at_once_make_one_chain() -> None:
+    sink = MemorySink()
+    log = BufferedAuditLog(AuditLog(sink), flush_interval=0.01)
+    engine = engine_with(log)
+    ran: list[int] = []
+
+    def worker(base: int) -> None:
+        for i in range(250):
+            spend(engine, ran, base + i)
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.flush()
+    assert len(sink.records) == len(ran) == 2000
+    assert sorted(r.params["n"] for r in sink.records) == sorted(ran)
+    assert [r.seq for r in sink.records] == list(range(1, 2001))
+    engine.close()
+
+
+def test_a_failing_sink_blocks_calls_keeps_every_record_and_recovers() -> None:
+    sink = FlakySink()
+    log = BufferedAuditLog(AuditLog(sink), flush_interval=60)
+    engine = engine_with(log)
+    ran: list[int] = []
+    spend(engine, ran, 1)
+    sink.down = True
+    spend(engine, ran, 2)  # queued before the failure is known: it runs
+    with pytest.raises(AuditError, match="disk full"):
+        log.flush()
+    with pytest.raises(BlockedError) as blocked:
+        spend(engine, ran, 3)
+    assert blocked.value.decision.fail_closed
+    assert "audit" in blocked.value.decision.reason
+    assert ran == [1, 2]
+    sink.down = False
+    log.flush()  # the retry writes what was kept, in order
+    assert [r.params["n"] for r in sink.records] == [1, 2]
+    spend(engine, ran, 4)
+    log.flush()
+    assert [r.params["n"] for r in sink.records] == [1, 2, 4]
+    assert ran == [1, 2, 4]
+    engine.close()
+
+
+def test_too_many_records_waiting_blocks_calls() -> None:
+    sink = FlakySink()
+    log = BufferedAuditLog(AuditLog(sink), flush_interval=60, max_pending=5)
+    engine = engine_with(log)
+    ran: list[int] = []
+    for n in range(5):
+        spend(engine, ran, n)
+    with pytest.raises(BlockedError, match="behind"):
+        spend(engine, ran, 5)
+    assert ran == [0, 1, 2, 3, 4]
+    log.flush()
+    spend(engine, ran, 6)
+    engine.close()
+    assert len(sink.records) == 6
+
+
+def test_a_closed_log_blocks_calls() -> None:
+    log = BufferedAuditLog(AuditLog(MemorySink()), flush_interval=60)
+    engine = engine_with(log)
+    engine.close()
+    ran: list[int] = []
+    with pytest.raises(BlockedError, match="closed"):
+        spend(engine, ran, 1)
+    assert ran == []
+
+
+@pytest.mark.parametrize("interval", [0, -1, 61, "1"])
+def test_bad_settings_are_refused(interval: object) -> None:
+    with pytest.raises(ValueError, match="flush_interval"):
+        BufferedAuditLog(AuditLog(MemorySink()), flush_interval=interval)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_pending"):
+        BufferedAuditLog(AuditLog(MemorySink()), max_pending=0)
+
+
+def test_records_queued_at_exit_are_written(tmp_path: Path) -> None:
+    script = f"""
+import asyncio
+from limenex.audit import AuditLog, BufferedAuditLog, JsonlSink
+from limenex.core.engine import PolicyEngine
+from limenex.core.policy_store import InMemoryPolicyStore
+log = BufferedAuditLog(AuditLog(JsonlSink({str(tmp_path / "audit.log")!r})), flush_interval=60)
+engine = PolicyEngine(InMemoryPolicyStore.from_yaml({POLICY!r}), "memory://", audit_logger=log)
+for n in range(50):
+    engine.execute_sync("finance.spend", "a", {{"amount_usd": n}}, lambda: None)
+"""  # no close(): the process simply ends
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert verify(tmp_path / "audit.log").count == 50
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_write_the_parents_records_again(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = BufferedAuditLog(AuditLog(JsonlSink(path)), flush_interval=60)
+    engine = engine_with(log)
+    ran: list[int] = []
+    for n in range(3):
+        spend(engine, ran, n)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            spend(engine, ran, 100)
+            log.flush()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    log.flush()
+    numbers = sorted(json.loads(line)["params"]["n"] for line in path.read_text().splitlines())
+    assert numbers == [0, 1, 2, 100]
+    assert verify(path).ok
+    engine.close()
