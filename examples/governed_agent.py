@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from limenex.approvals import ApprovalRefused
+from limenex.audit import verify
 from limenex.core.engine import BlockedError, EscalationRequired, PolicyEngine
 from limenex.core.policy_store import LocalFilePolicyStore
 from limenex.core.stores import SQLiteStateStore
@@ -38,7 +40,7 @@ async def email(recipient: str, text: str) -> str:
 async def main(folder: Path) -> None:
     engine = PolicyEngine(
         policy_store=LocalFilePolicyStore(HERE / "policies" / "agent.yaml"),
-        state_store=SQLiteStateStore(folder / "state.db"),
+        state_store=SQLiteStateStore(folder / "state.db"),  # audit.log goes beside it
         llm_evaluator=judge,
     )
     spend = make_spend(engine, {"openai": pay, "aws": pay, "gcp": pay})
@@ -65,6 +67,7 @@ async def main(folder: Path) -> None:
         ("write a report", "write", {"filepath": folder / "report.txt", "content": "ok"}),
         ("write /etc/../etc/hosts", "write", {"filepath": "/etc/../etc/hosts", "content": "x"}),
     ]
+    paused: list[tuple[str, str]] = []
     for label, skill, arguments in plan:
         try:
             outcome = skills[skill](agent_id="ops-bot", **arguments)
@@ -75,11 +78,29 @@ async def main(folder: Path) -> None:
             print(f"BLOCK     {label:<24} -> {exc.decision.reason}")
         except EscalationRequired as exc:
             print(f"ESCALATE  {label:<24} -> {exc.decision.reason}")
+            paused.append((label, str(exc.request_id)))
+
+    # A human looks at what is waiting (`limenex approvals list`, or `limenex serve`'s inbox).
+    print(f"\n{len(await engine.approvals.pending())} requests wait for a human")
+    (spend_label, spend_id), (email_label, email_id) = paused
+    await engine.approvals.approve(spend_id, approver="ana@example.com", note="budget ok")
+    await engine.approvals.deny(email_id, approver="ana@example.com", note="no promises")
+    print(f"APPROVED  {spend_label:<24} -> resumed: {await engine.resume(spend_id)}")
+    try:
+        await engine.resume(spend_id)
+    except ApprovalRefused as exc:
+        print(f"REFUSED   {spend_label:<24} -> a second resume: {exc.why}")
+    try:
+        await engine.resume(email_id)
+    except ApprovalRefused as exc:
+        print(f"DENIED    {email_label:<24} -> resume refused: {exc.why}")
     print("\nstate (`limenex state show` lists the same):")
     for key, total in sorted(engine.state_store.totals(engine.clock.now())):
         window = f" per {key.window}" if key.window else ""
         print(f"  {key.dimension} [{key.scope} {key.subject}]{window}: {total}")
-    engine.close()
+    engine.close()  # flushes the audit log
+    result = verify(folder / "audit.log")
+    print(f"\naudit log: {result.count} records, hash chain intact: {result.ok}")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,14 @@ def test_governed_agent_demo_meets_every_kind_of_rule() -> None:
         "ALLOW",
         "BLOCK",  # /etc/../etc/hosts is inside /etc
     ]
+    lines = done.stdout.splitlines()
+    assert "2 requests wait for a human" in lines
+    human = [
+        line.split()[0]
+        for line in lines
+        if line.split()[:1] in (["APPROVED"], ["REFUSED"], ["DENIED"])
+    ]
+    assert human == ["APPROVED", "REFUSED", "DENIED"]
+    assert "resumed: paid $20.00" in done.stdout
+    assert "spend_usd [agent ops-bot] per day: 110" in done.stdout  # the resumed $20 counted
+    assert "hash chain intact: True" in done.stdout
