@@ -615,3 +615,40 @@ def test_serve_is_listed_with_its_options() -> None:
         assert option in result.output
     assert "127.0.0.1" in result.output
     assert "8765" in result.output
+
+
+async def test_approving_through_the_api_lets_an_engine_resume_once(inbox: Inbox) -> None:
+    """The acceptance path with the JSON API: escalate, approve over HTTP, resume once."""
+    from limenex.core.engine import EscalationRequired, PolicyEngine
+    from limenex.core.policy_store import InMemoryPolicyStore
+    from limenex.skills.finance import make_spend
+
+    policy = InMemoryPolicyStore.from_yaml(
+        "finance.spend:\n  policies:\n    - {type: deterministic, dimension: amount_usd,"
+        " param: amount_usd, operator: lte, value: 100, stateful: false,"
+        " breach_verdict: ESCALATE}\n"
+    )
+    engine = PolicyEngine(policy, inbox.url, audit_logger=inbox.audit)
+    paid: list[Decimal] = []
+    spend = make_spend(engine, {"stripe": lambda amount_usd: paid.append(amount_usd) or "ok"})
+    with pytest.raises(EscalationRequired) as paused:
+        await spend(agent_id="agent-7", service="stripe", amount_usd=Decimal("120.50"))
+    request_id = paused.value.request_id
+    listed = inbox.client.get("/api/requests", headers=AUTH).json()
+    assert [r["id"] for r in listed] == [request_id]
+    refused = inbox.client.post(f"/api/requests/{request_id}/approve", json={"by": "ana"})
+    assert refused.status_code == 401
+    assert inbox.status(str(request_id)) == "pending"
+    approved = inbox.client.post(
+        f"/api/requests/{request_id}/approve", headers=JSON, content=json.dumps({"by": "ana"})
+    )
+    assert approved.status_code == 200, approved.text
+    assert await engine.resume(str(request_id)) == "ok"
+    assert paid == [Decimal("120.50")]
+    again = inbox.client.post(
+        f"/api/requests/{request_id}/approve", headers=JSON, content=json.dumps({"by": "ana"})
+    )
+    assert (again.status_code, again.json()["why"]) == (409, "used")
+    engine.close()
+    assert inbox.audit_events() == ["escalated", "approved", "resumed", "allowed", "executed"]
+    assert verify(inbox.audit_path).ok
