@@ -127,12 +127,20 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` as plain JSON data: decimals and floats become exact strings, never floats.
 
     Anything JSON has no type for (dates, bytes, objects) is recorded as its ``str()``, so an
     unusual argument never makes the audit (and with it the call) fail.
     """
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): _jsonable(v) for k, v in value.items()}
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, Decimal):
@@ -216,8 +224,9 @@ class AuditRecord:
         ``state`` is the call's ``(checks, totals before)``: it becomes ``extra["state"]``, one
         entry per counter with its total ``before`` and ``after`` the call's amount.
         """
-        if state is not None:
-            extra = {**(extra or {}), "state": _state_entries(*state)}
+        details = _jsonable(extra) if extra else {}
+        if state is not None:  # JSON data already: exact decimal strings
+            details["state"] = _state_entries(*state)
         return cls(
             time=_iso(time.time() if at is None else at),
             event=event,
@@ -233,7 +242,7 @@ class AuditRecord:
             limit=_dec(decision.limit),
             fail_closed=decision.fail_closed,
             latency_ms=None if latency_ms is None else _latency(latency_ms),
-            extra=_jsonable(extra or {}),
+            extra=details,
         )
 
     @classmethod
