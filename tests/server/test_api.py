@@ -650,5 +650,5 @@ async def test_approving_through_the_api_lets_an_engine_resume_once(inbox: Inbox
     )
     assert (again.status_code, again.json()["why"]) == (409, "used")
     engine.close()
-    assert inbox.audit_events() == ["escalated", "approved", "resumed", "allowed", "executed"]
+    assert inbox.audit_events() == ["escalated", "approved", "allowed", "resumed", "executed"]
     assert verify(inbox.audit_path).ok

@@ -84,6 +84,7 @@ _SETUP = (
     created_at float8 NOT NULL,
     expires_at float8 NOT NULL,
     decimals text NOT NULL,
+    action text NOT NULL,
     status text NOT NULL,
     decided_by text,
     decided_at float8,
@@ -94,11 +95,11 @@ _SETUP = (
 )
 _COLUMNS = (
     "id, skill_id, agent_id, params, fingerprint, policy, policy_index, reason, created_at,"
-    " expires_at, decimals, status, decided_by, decided_at, note, used_at"
+    " expires_at, decimals, action, status, decided_by, decided_at, note, used_at"
 )
 _SELECT = "SELECT " + _COLUMNS + " FROM {s}.approvals"  # noqa: S608 - fixed names
 _INSERT = (
-    "INSERT INTO {s}.approvals (" + _COLUMNS + ") VALUES (" + ", ".join(["%s"] * 16) + ")"  # noqa: S608
+    "INSERT INTO {s}.approvals (" + _COLUMNS + ") VALUES (" + ", ".join(["%s"] * 17) + ")"  # noqa: S608
     " ON CONFLICT (id) DO NOTHING"
 )
 _UPDATE = (
@@ -400,6 +401,7 @@ def _row(request: ApprovalRequest) -> tuple[Any, ...]:
         request.created_at,
         request.expires_at,
         canonical_json([list(path) for path in request.decimals]),
+        request.action,
         request.status.value,
         request.decided_by,
         request.decided_at,
@@ -412,7 +414,7 @@ def _load(row: tuple[Any, ...] | None) -> ApprovalRequest | None:
     if row is None:
         return None
     (rid, skill, agent, params, fp, policy, index, reason, created, expires, decimals,
-     status, by, at, note, used) = row  # fmt: skip
+     action, status, by, at, note, used) = row  # fmt: skip
     try:
         return ApprovalRequest.from_dict(
             {
@@ -427,6 +429,7 @@ def _load(row: tuple[Any, ...] | None) -> ApprovalRequest | None:
                 "created_at": created,
                 "expires_at": expires,
                 "decimals": json.loads(decimals),
+                "action": action,
                 "status": status,
                 "decided_by": by,
                 "decided_at": at,

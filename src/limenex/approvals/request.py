@@ -125,6 +125,7 @@ class ApprovalRequest:
     created_at: float
     expires_at: float
     decimals: tuple[tuple[str | int, ...], ...] = ()
+    action: str = ""
     status: ApprovalStatus = ApprovalStatus.PENDING
     decided_by: str | None = None
     decided_at: float | None = None
@@ -151,6 +152,7 @@ class ApprovalRequest:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "decimals": [list(path) for path in self.decimals],
+            "action": self.action,
             "status": self.status.value,
             "decided_by": self.decided_by,
             "decided_at": self.decided_at,
@@ -173,6 +175,7 @@ class ApprovalRequest:
             created_at=float(data["created_at"]),
             expires_at=float(data["expires_at"]),
             decimals=_paths(data.get("decimals") or ()),
+            action=str(data.get("action") or ""),
             status=ApprovalStatus(data["status"]),
             decided_by=None if data["decided_by"] is None else str(data["decided_by"]),
             decided_at=None if data["decided_at"] is None else float(data["decided_at"]),
@@ -274,14 +277,16 @@ def canonical_json(value: Any) -> str:
     )
 
 
-def fingerprint(skill_id: str, agent_id: str, params: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``skill_id``, ``agent_id`` and ``params``.
+def fingerprint(skill_id: str, agent_id: str, params: Mapping[str, Any], action: str = "") -> str:
+    """SHA-256 (hex) of the canonical JSON of ``skill_id``, ``agent_id``, ``params``, ``action``.
 
     Where the params hold decimals is hashed too: ``Decimal("1.10")`` and the text ``"1.10"``
-    are different actions.
+    are different actions. ``action`` names the function that performs it when the skill
+    alone does not (``@engine.governed`` functions: module and qualified name).
     """
     text = canonical_json(
         {
+            "action": action,
             "agent_id": agent_id,
             "decimals": [list(path) for path in decimal_paths(params)],
             "params": canonical_params(params),
@@ -303,7 +308,7 @@ def new_request_id() -> str:
 
 
 def request_from_decision(
-    decision: Decision, params: Mapping[str, Any], *, now: float, ttl: float
+    decision: Decision, params: Mapping[str, Any], *, now: float, ttl: float, action: str = ""
 ) -> ApprovalRequest:
     """A new pending request for an ESCALATE ``decision`` on ``params``, expiring after ``ttl``.
 
@@ -334,13 +339,14 @@ def request_from_decision(
         skill_id=decision.skill_id,
         agent_id=decision.agent_id,
         params=canonical,
-        fingerprint=fingerprint(decision.skill_id, decision.agent_id, params),
+        fingerprint=fingerprint(decision.skill_id, decision.agent_id, params, action),
         policy=None if policy is None else canonical_params(policy, _where="policy"),
         policy_index=decision.policy_index,
         reason=decision.reason,
         created_at=float(now),
         expires_at=float(now) + float(ttl),
         decimals=decimal_paths(params),
+        action=action,
     )
 
 

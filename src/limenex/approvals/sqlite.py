@@ -66,6 +66,7 @@ _TABLE = """CREATE TABLE IF NOT EXISTS approvals (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     decimals TEXT NOT NULL,
+    action TEXT NOT NULL,
     status TEXT NOT NULL,
     decided_by TEXT,
     decided_at REAL,
@@ -75,10 +76,10 @@ _TABLE = """CREATE TABLE IF NOT EXISTS approvals (
 _INDEX = "CREATE INDEX IF NOT EXISTS approvals_waiting ON approvals (status, created_at, id)"
 _COLUMNS = (
     "id, skill_id, agent_id, params, fingerprint, policy, policy_index, reason, created_at,"
-    " expires_at, decimals, status, decided_by, decided_at, note, used_at"
+    " expires_at, decimals, action, status, decided_by, decided_at, note, used_at"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM approvals"  # noqa: S608 - fixed column names
-_INSERT = f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"  # noqa: S608
+_INSERT = f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
 _UPDATE = (
     "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ?, used_at = ?"
     " WHERE id = ?"
@@ -332,6 +333,7 @@ def _row(request: ApprovalRequest) -> tuple[Any, ...]:
         request.created_at,
         request.expires_at,
         canonical_json([list(path) for path in request.decimals]),
+        request.action,
         request.status.value,
         request.decided_by,
         request.decided_at,
@@ -360,6 +362,7 @@ def _request(row: tuple[Any, ...]) -> ApprovalRequest:
         created,
         expires,
         decimals,
+        action,
         status,
         by,
         at,
@@ -379,6 +382,7 @@ def _request(row: tuple[Any, ...]) -> ApprovalRequest:
             "created_at": created,
             "expires_at": expires,
             "decimals": json.loads(decimals),
+            "action": action,
             "status": status,
             "decided_by": by,
             "decided_at": at,

@@ -181,7 +181,7 @@ class PolicyEngine:
         self.approval_ttl = float(approval_ttl)
         self.on_escalation = on_escalation
         self._approvals: Approvals | None = None
-        self._actions: dict[str, ActionBuilder] = {}
+        self._actions: dict[tuple[str, str], ActionBuilder] = {}
         self.clock: Clock = clock or SystemClock()
         self.semantic_timeout = float(semantic_timeout)
         self._compiled: dict[str, CompiledSkill] = {}
@@ -226,11 +226,17 @@ class PolicyEngine:
         params: Mapping[str, Any],
         action: Action,
         *,
+        action_name: str = "",
         _approval: ApprovalRequest | None = None,
     ) -> Any:
-        """Govern one call: decide, and on ALLOW run ``action()`` and settle the state."""
+        """Govern one call: decide, and on ALLOW run ``action()`` and settle the state.
+
+        ``action_name`` names the function ``action`` calls when the skill id alone does not
+        tell (it is kept in an approval request, and :meth:`resume` runs only the action
+        registered under that name: see :meth:`register_action`).
+        """
         started = perf_counter() if self._rich_audit else None
-        plan = self._plan(skill_id, agent_id, params, waive=_approval is not None)
+        plan = self._plan(skill_id, agent_id, params, _approval)
         direct = self._store_is_direct  # sync-only stores are called inline: no extra await
         store = self.state_store
         reservation: Reservation | None = None
@@ -264,10 +270,17 @@ class PolicyEngine:
                 raise
         if decision is not None:
             await self._asettle(reservation, release=True)
-            if decision.verdict is Verdict.ESCALATE and _approval is None:
-                await self._aescalate(plan, decision, started)
+            if decision.verdict is Verdict.ESCALATE:
+                await self._aescalate(plan, decision, started, action_name)
             self._refuse(plan, decision, started, _approval)
-        if _approval is not None:
+        allowed = None
+        buffer = self._buffer
+        if buffer is not None:
+            if not buffer.admits():
+                self._before_action(plan, reservation, started)  # raises the BLOCK
+        elif self.audit_logger is not None:
+            allowed = self._before_action(plan, reservation, started)
+        if _approval is not None:  # last: a refusal above leaves the approval unspent
             try:
                 used = await self.approval_store.aconsume(
                     _approval.id, _approval.fingerprint, self.clock.now()
@@ -276,13 +289,6 @@ class PolicyEngine:
                 await self._asettle(reservation, release=True)
                 raise
             self._resumed(plan, used, started)
-        allowed = None
-        buffer = self._buffer
-        if buffer is not None:
-            if not buffer.admits():
-                self._before_action(plan, reservation, started)  # raises the BLOCK
-        elif self.audit_logger is not None:
-            allowed = self._before_action(plan, reservation, started)
         try:
             result = action()
             if type(result) is CoroutineType or inspect.isawaitable(result):
@@ -322,15 +328,17 @@ class PolicyEngine:
         params: Mapping[str, Any],
         action: Action,
         *,
+        action_name: str = "",
         _approval: ApprovalRequest | None = None,
     ) -> Any:
         """:meth:`execute` for synchronous code; safe from many threads and inside a loop.
 
         The action must not return an awaitable: a coroutine cannot be run to completion
         here, so the call is refused (and the coroutine closed) rather than counted as done.
+        (:meth:`resume_sync` alone runs an async action to its end, on a helper thread.)
         """
         started = perf_counter() if self._rich_audit else None
-        plan = self._plan(skill_id, agent_id, params, waive=_approval is not None)
+        plan = self._plan(skill_id, agent_id, params, _approval)
         store = self.state_store
         reservation: Reservation | None = None
         decision = plan.breach
@@ -356,10 +364,17 @@ class PolicyEngine:
                 raise
         if decision is not None:
             self._settle(reservation, release=True)
-            if decision.verdict is Verdict.ESCALATE and _approval is None:
-                self._escalate(plan, decision, started)
+            if decision.verdict is Verdict.ESCALATE:
+                self._escalate(plan, decision, started, action_name)
             self._refuse(plan, decision, started, _approval)
-        if _approval is not None:
+        allowed = None
+        buffer = self._buffer
+        if buffer is not None:
+            if not buffer.admits():
+                self._before_action(plan, reservation, started)  # raises the BLOCK
+        elif self.audit_logger is not None:
+            allowed = self._before_action(plan, reservation, started)
+        if _approval is not None:  # last: a refusal above leaves the approval unspent
             try:
                 used = self.approval_store.consume(
                     _approval.id, _approval.fingerprint, self.clock.now()
@@ -368,15 +383,10 @@ class PolicyEngine:
                 self._settle(reservation, release=True)
                 raise
             self._resumed(plan, used, started)
-        allowed = None
-        buffer = self._buffer
-        if buffer is not None:
-            if not buffer.admits():
-                self._before_action(plan, reservation, started)  # raises the BLOCK
-        elif self.audit_logger is not None:
-            allowed = self._before_action(plan, reservation, started)
         try:
             result = action()
+            if _approval is not None and result is not None and inspect.isawaitable(result):
+                result = self._await_elsewhere(result)  # resume_sync of an async executor
         except Exception:
             self._settle(reservation, release=True)
             if buffer is not None:
@@ -428,7 +438,8 @@ class PolicyEngine:
             self._check_signature(skill_id, fn, signature)
 
             bind = _binder(skill_id, signature, agent_id_param)
-            self.register_action(skill_id, _rebuilder(fn, signature))
+            name = _action_name(fn)
+            self.register_action(skill_id, _rebuilder(fn, signature), name=name)
 
             if _is_async_callable(fn):
 
@@ -436,7 +447,7 @@ class PolicyEngine:
                 async def governed_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                     agent_id, params = bind(args, kwargs)
                     return await self.execute(
-                        skill_id, agent_id, params, lambda: fn(*args, **kwargs)
+                        skill_id, agent_id, params, lambda: fn(*args, **kwargs), action_name=name
                     )
 
                 return cast(Callable[P, R], governed_async)
@@ -446,22 +457,28 @@ class PolicyEngine:
                 agent_id, params = bind(args, kwargs)
                 return cast(
                     R,
-                    self.execute_sync(skill_id, agent_id, params, lambda: fn(*args, **kwargs)),
+                    self.execute_sync(
+                        skill_id, agent_id, params, lambda: fn(*args, **kwargs), action_name=name
+                    ),
                 )
 
             return governed_sync
 
         return decorate
 
-    def register_action(self, skill_id: str, build: ActionBuilder) -> None:
+    def register_action(self, skill_id: str, build: ActionBuilder, *, name: str = "") -> None:
         """How :meth:`resume` performs ``skill_id``'s action: ``build(params)`` -> action.
 
-        The built-in skills and :meth:`governed` register theirs; a skill made again (in a new
-        process, after a restart) registers again, and the last one made is used.
+        ``name`` is the ``action_name`` the calls pass to :meth:`execute`: a request is resumed
+        only by the builder registered under its skill *and* name, so two functions governed
+        as one skill never stand in for each other. The built-in skills (whose registry key is
+        in the params) register under ``""``; :meth:`governed` under the function's module and
+        qualified name. A skill made again (in a new process, after a restart) registers
+        again; the last one made is used.
         """
         if not callable(build):
             raise LimenexConfigError(f"{skill_id}: the action builder must be callable")
-        self._actions[skill_id] = build
+        self._actions[(skill_id, name)] = build
 
     @property
     def approval_store(self) -> ApprovalStore:
@@ -492,11 +509,13 @@ class PolicyEngine:
     async def resume(self, request_id: str) -> Any:
         """Run an approved request's action once and return its result.
 
-        The call is evaluated again as it is now: the ESCALATE policies are waived for this
-        exact call, every BLOCK policy still applies (:class:`BlockedError`, and the request
-        stays approved). The approval is consumed atomically just before the action runs, so
-        of any number of resumes, in any process, one runs it; the others, and any denied,
-        expired, unknown or pending request, raise
+        The call is evaluated again as it is now, with the ESCALATE policy the human approved
+        waived for this exact call. Every other policy applies: a BLOCK raises
+        :class:`BlockedError`, another ESCALATE breached now raises
+        :class:`EscalationRequired` with a new request; either way this request stays
+        approved. The approval is consumed atomically as the last step before the action
+        runs, so of any number of resumes, in any process, one runs it; the others, and any
+        denied, expired, unknown or pending request, raise
         :class:`~limenex.approvals.ApprovalRefused`.
         """
         found = await self.approval_store.aget(request_id, self.clock.now())
@@ -536,15 +555,19 @@ class PolicyEngine:
     ) -> tuple[ApprovalRequest, dict[str, Any], Action]:
         if request is None or request.status is not ApprovalStatus.APPROVED:
             raise refused(request_id, None if request is None else request.status, "resume")
-        build = self._actions.get(request.skill_id)
+        build = self._actions.get((request.skill_id, request.action))
         if build is None:
+            named = f" named {request.action!r}" if request.action else ""
             raise LimenexConfigError(
-                f"cannot resume approval request {request_id!r}: no executor for skill "
+                f"cannot resume approval request {request_id!r}: no executor{named} for skill "
                 f"{request.skill_id!r} is registered with this engine; make the skill "
                 "(e.g. make_spend(engine, registry) or @engine.governed) before resuming"
             )
         params = request.call_params()
-        if fingerprint(request.skill_id, request.agent_id, params) != request.fingerprint:
+        if (
+            fingerprint(request.skill_id, request.agent_id, params, request.action)
+            != request.fingerprint
+        ):
             raise ApprovalRefused(
                 f"cannot resume approval request {request_id!r}: its kept params no longer "
                 "match its fingerprint (the stored request was changed)",
@@ -552,6 +575,11 @@ class PolicyEngine:
                 why="fingerprint",
             )
         return request, params, build(params)
+
+    def _await_elsewhere(self, awaitable: Any) -> Any:
+        """Run ``awaitable`` to its end on the helper loop thread (for :meth:`resume_sync`)."""
+        loop = self._background_loop()
+        return asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop).result()
 
     def close(self) -> None:
         """Stop helper threads, flush the audit log, close the stores."""
@@ -593,7 +621,11 @@ class PolicyEngine:
         return compiled
 
     def _plan(
-        self, skill_id: str, agent_id: object, params: Mapping[str, Any], waive: bool = False
+        self,
+        skill_id: str,
+        agent_id: object,
+        params: Mapping[str, Any],
+        approval: ApprovalRequest | None = None,
     ) -> Plan:
         try:
             if type(agent_id) is not str or not agent_id:
@@ -602,7 +634,7 @@ class PolicyEngine:
                 self.skill(skill_id),
                 agent_id,  # type: ignore[arg-type]
                 params,
-                waive_escalate=waive,
+                waive=None if approval is None else approval.policy_index,
             )
         except InvalidArgumentError as exc:
             if exc.decision is None:
@@ -777,21 +809,18 @@ class PolicyEngine:
         started: float | None,
         approval: ApprovalRequest | None = None,
     ) -> NoReturn:
-        if decision.verdict is Verdict.ESCALATE:  # on resume: the waiver could not apply
-            decision = _failure_decision(
-                plan.skill.skill_id,
-                plan.agent_id,
-                "the resume",
-                LimenexConfigError(f"an ESCALATE remained: {decision.reason}"),
-            )
         extra = {} if approval is None else {"request_id": approval.id}
         self._audit("blocked", decision, plan.params, fail_closed=False, started=started, **extra)
         raise BlockedError(decision)
 
-    def _new_request(self, plan: Plan, decision: Decision) -> ApprovalRequest:
+    def _new_request(self, plan: Plan, decision: Decision, action_name: str) -> ApprovalRequest:
         try:
             return request_from_decision(
-                decision, plan.params, now=self.clock.now(), ttl=self.approval_ttl
+                decision,
+                plan.params,
+                now=self.clock.now(),
+                ttl=self.approval_ttl,
+                action=action_name,
             )
         except Exception as exc:
             raise self._fail(plan, "keeping the approval request", exc) from exc
@@ -809,8 +838,10 @@ class PolicyEngine:
         )
         return EscalationRequired(decision, request.id)
 
-    def _escalate(self, plan: Plan, decision: Decision, started: float | None) -> NoReturn:
-        request = self._new_request(plan, decision)
+    def _escalate(
+        self, plan: Plan, decision: Decision, started: float | None, action_name: str
+    ) -> NoReturn:
+        request = self._new_request(plan, decision, action_name)
         try:
             self.approval_store.create(request)
         except Exception as exc:
@@ -828,8 +859,10 @@ class PolicyEngine:
                 log.exception("limenex: on_escalation failed for request %s", request.id)
         raise signal
 
-    async def _aescalate(self, plan: Plan, decision: Decision, started: float | None) -> NoReturn:
-        request = self._new_request(plan, decision)
+    async def _aescalate(
+        self, plan: Plan, decision: Decision, started: float | None, action_name: str
+    ) -> NoReturn:
+        request = self._new_request(plan, decision, action_name)
         try:
             await self.approval_store.acreate(request)
         except Exception as exc:
@@ -963,6 +996,10 @@ async def _notified(notify: Callable[[ApprovalRequest], Any], request: ApprovalR
             await answer
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def _check_notified(answer: object) -> None:
     if inspect.iscoroutine(answer):
         answer.close()
@@ -977,18 +1014,38 @@ def _default_audit_log(state_store: StateStore) -> BufferedAuditLog:
     return BufferedAuditLog(AuditLog(JsonlSink(audit_path_for(state_store))))
 
 
+def _action_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function, or of the class of a callable object."""
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{qualname}"
+
+
 def _rebuilder(fn: Callable[..., Any], signature: inspect.Signature) -> ActionBuilder:
-    """``params -> action`` calling ``fn`` with the params a governed call bound."""
+    """``params -> action`` calling ``fn`` with the params a governed call bound.
+
+    The params are the call's bound arguments (defaults applied, ``**kwargs`` flattened), so
+    the call is rebuilt in signature order: every parameter before a ``*args`` positionally,
+    the ``*args`` items after them, keyword-only ones and the flattened rest by keyword.
+    """
     kinds = inspect.Parameter
-    positional = [p.name for p in signature.parameters.values() if p.kind is kinds.POSITIONAL_ONLY]
-    star = [p.name for p in signature.parameters.values() if p.kind is kinds.VAR_POSITIONAL]
+    parameters = list(signature.parameters.values())
+    star = next((i for i, p in enumerate(parameters) if p.kind is kinds.VAR_POSITIONAL), None)
+    by_position = [
+        p.name
+        for i, p in enumerate(parameters)
+        if p.kind is kinds.POSITIONAL_ONLY
+        or (star is not None and i < star and p.kind is kinds.POSITIONAL_OR_KEYWORD)
+    ]
+    star_name = None if star is None else parameters[star].name
 
     def build(params: dict[str, Any]) -> Action:
         kwargs = dict(params)
-        args = [kwargs.pop(name) for name in positional if name in kwargs]
-        for name in star:
-            args.extend(kwargs.pop(name, ()))
-        return lambda: fn(*args, **kwargs)
+        args = [kwargs.pop(name) for name in by_position]
+        if star_name is not None:
+            args.extend(kwargs.pop(star_name, ()))
+        bound = signature.bind(*args, **kwargs)  # a TypeError here: before any approval is used
+        return lambda: fn(*bound.args, **bound.kwargs)
 
     return build
 
@@ -1041,7 +1098,15 @@ def _binder(
         bound.apply_defaults()
         params = dict(bound.arguments)
         for name in var_keyword:
-            params.update(params.pop(name))
+            extra = params.pop(name)
+            clash = sorted(extra.keys() & params.keys())
+            if clash:  # e.g. f(amount, /, **kw) called f(1_000_000, amount=1): never two values
+                raise InvalidArgumentError(
+                    f"{skill_id}: argument {clash[0]!r} is given twice (once positionally, once"
+                    " by keyword): the policies could not tell which one the function uses",
+                    argument=clash[0],
+                )
+            params.update(extra)
         return params[agent_id_param], params
 
     return bind

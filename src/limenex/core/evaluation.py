@@ -337,17 +337,18 @@ class Plan:
 
 
 def plan_call(
-    skill: CompiledSkill, agent_id: str, params: Mapping[str, Any], *, waive_escalate: bool = False
+    skill: CompiledSkill, agent_id: str, params: Mapping[str, Any], *, waive: int | None = None
 ) -> Plan:
     """Check the arguments, then decide the stateless policies in order.
 
     Stops at the first stateless breach: later policies are irrelevant, so no check or
     semantic rule after it is planned.
 
-    ``waive_escalate`` plans the resume of an approved request: a policy whose breach verdict
-    is ESCALATE cannot decide the call (a human approved exactly this call), so a stateless
-    one is passed over, a semantic one is not asked, and a stateful one still counts the
-    amount but with :data:`WAIVED_LIMIT` for a limit. BLOCK policies apply unchanged.
+    ``waive`` plans the resume of an approved request: the index of the ESCALATE policy the
+    human approved this exact call against. That policy cannot decide the call: stateless, it
+    is passed over; semantic, it is not asked; stateful, it still counts the amount, but with
+    :data:`WAIVED_LIMIT` for a limit. Every other policy applies unchanged: a BLOCK stays a
+    BLOCK, and another ESCALATE policy breached now asks a human again.
     """
     amounts: dict[str, Decimal] = {}
     for name, kind in skill.arg_checks:
@@ -380,10 +381,10 @@ def plan_call(
             subject = agent_id if step.agent_scoped else step.subject(agent_id, params)
             key = _new(CounterKey, (step.dimension, step.scope_name, subject, step.window_spec))
             op, limit = step.op, step.limit
-            if waive_escalate and step.policy.breach_verdict is Verdict.ESCALATE:
+            if step.index == waive and step.policy.breach_verdict is Verdict.ESCALATE:
                 op, limit = "lte", WAIVED_LIMIT
             checks.append(_new(Check, (step.index, key, step.window, amount, op, limit)))
-        elif waive_escalate and step.policy.breach_verdict is Verdict.ESCALATE:
+        elif step.index == waive and step.policy.breach_verdict is Verdict.ESCALATE:
             continue
         elif type(step) is _PerCall:
             value = amounts[step.param]  # type: ignore[index]
