@@ -215,3 +215,75 @@ def test_a_forked_child_does_not_write_the_parents_records_again(tmp_path: Path)
     assert numbers == [0, 1, 2, 100]
     assert verify(path).ok
     engine.close()
+
+
+def test_a_log_that_cannot_be_opened_blocks_from_the_first_call(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder should be")
+    log = BufferedAuditLog(AuditLog(JsonlSink(blocker / "audit.log")), flush_interval=0.02)
+    engine = engine_with(log)
+    ran: list[int] = []
+    with pytest.raises(BlockedError, match="audit"):
+        spend(engine, ran, 1)
+    assert ran == []
+    blocker.unlink()  # fixed: the writer finds out by itself and calls run again
+    deadline = time.monotonic() + 10
+    while not log.admits() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    spend(engine, ran, 2)
+    engine.close()
+    assert ran == [2]
+    assert verify(blocker / "audit.log").count == 1
+
+
+def test_a_record_that_cannot_be_made_leaves_a_placeholder_not_a_wedged_log() -> None:
+    def refuse_secret(record: AuditRecord) -> AuditRecord:
+        if record.params.get("n") == 2:
+            raise RuntimeError("redaction rule crashed")
+        return record
+
+    sink = MemorySink()
+    log = BufferedAuditLog(AuditLog(sink, processors=[refuse_secret]), flush_interval=60)
+    engine = engine_with(log)
+    ran: list[int] = []
+    for n in (1, 2, 3):
+        spend(engine, ran, n)
+    engine.execute_sync(
+        "finance.spend", "agent-1", {"amount_usd": 1, "n": 4, "huge": 7**9000}, lambda: None
+    )
+    log.flush()
+    assert ran == [1, 2, 3]
+    assert [r.params.get("n") for r in sink.records] == [1, None, 3, 4]
+    placeholder = sink.records[1]
+    assert placeholder.params == {}  # nothing unprocessed is written
+    assert "redaction rule crashed" in placeholder.reason
+    assert placeholder.extra == {"unrecordable": "AuditError"}  # the processor failed
+    assert sink.records[3].params["huge"] == f"<int of {(7**9000).bit_length()} bits>"
+    engine.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_sink_is_busy_can_write(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    sink = JsonlSink(path)
+    log = BufferedAuditLog(AuditLog(sink), flush_interval=60)
+    engine = engine_with(log)
+    spend(engine, [], 1)
+    log.flush()
+    sink._lock.acquire()  # as if the writer thread were mid-write at the fork
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        import signal
+
+        signal.alarm(20)  # a child stuck on the inherited lock dies instead of hanging
+        try:
+            spend(engine, [], 2)
+            log.flush()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    sink._lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert verify(path).count == 2
+    engine.close()

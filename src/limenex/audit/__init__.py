@@ -127,9 +127,6 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
 
 
-_PLAIN = frozenset({str, int, bool, type(None)})
-
-
 def _jsonable(value: Any) -> Any:
     """``value`` as plain JSON data: decimals and floats become exact strings, never floats.
 
@@ -137,24 +134,41 @@ def _jsonable(value: Any) -> Any:
     unusual argument never makes the audit (and with it the call) fail.
     """
     kind = type(value)
-    if kind in _PLAIN:
+    if kind is str or kind is bool or value is None:
         return value
+    if kind is int:
+        return value if value.bit_length() <= _MAX_INT_BITS else _text(value)
     if kind is dict:
-        return {k if type(k) is str else str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, bool | int | str):
+        return {k if type(k) is str else _text(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, bool | str):
         return value
+    if isinstance(value, int):
+        return int(value) if value.bit_length() <= _MAX_INT_BITS else _text(value)
     if isinstance(value, Decimal):
         return format(value, "f") if value.is_finite() else str(value)
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {_text(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = [_jsonable(v) for v in value]
         if isinstance(value, set | frozenset):
             items.sort(key=canonical_json)
         return items
-    return str(value)
+    return _text(value)
+
+
+_MAX_INT_BITS = 4000 * 3  # about 3,600 digits: below Python's limit on int -> str conversion
+
+
+def _text(value: Any) -> str:
+    """``str(value)``, or a placeholder when that fails or is too long to be useful."""
+    if isinstance(value, int):
+        return f"<int of {value.bit_length()} bits>"
+    try:
+        return str(value)
+    except Exception as exc:
+        return f"<{type(value).__name__} that cannot be shown: {type(exc).__name__}>"
 
 
 def _dec(value: Decimal | None) -> str | None:
@@ -443,6 +457,9 @@ class AuditSink:
         """Chain and store ``records`` in order; a sink may make them durable at once."""
         return [self.append(record) for record in records]
 
+    def probe(self) -> None:
+        """Raise :class:`AuditError` if records could not be stored now (nothing by default)."""
+
     def close(self) -> None:
         """Release what the sink holds (nothing, by default)."""
 
@@ -483,6 +500,7 @@ class JsonlSink(AuditSink):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        _sinks.add(self)
 
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
@@ -527,6 +545,16 @@ class JsonlSink(AuditSink):
                 raise AuditError(f"cannot write the audit log {self.path}: {exc}") from exc
             finally:
                 os.close(fd)  # also releases the flock
+
+    def probe(self) -> None:
+        """Open the log for appending (creating its folder), as a write would; close it."""
+        try:
+            fd, created = self._open()
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log {self.path}: {exc}") from exc
+        os.close(fd)
+        if created:
+            _fsync_dir(self.path.parent)
 
     def _open(self) -> tuple[int, bool]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -805,7 +833,13 @@ class BufferedAuditLog:
         self._put((event, decision, dict(params), time.time(), latency, state, extra))
 
     def admits(self) -> bool:
-        """Whether a call may run now: the log is writing, open and not too far behind."""
+        """Whether a call may run now: the log is writing, open and not too far behind.
+
+        The first call starts the writer, after checking that the sink can be written (a log
+        that cannot be opened blocks calls from the first one, not after a failed batch).
+        """
+        if self._thread is None:
+            self._start()
         return self._failure is None and not self._closed and len(self._queue) < self.max_pending
 
     def outcome(
@@ -857,6 +891,7 @@ class BufferedAuditLog:
     def _start(self) -> None:
         with self._write_lock:
             if self._thread is None:
+                self._probe()
                 self._thread = threading.Thread(
                     target=self._run, name="limenex-audit-writer", daemon=True
                 )
@@ -868,14 +903,26 @@ class BufferedAuditLog:
             self._wake.clear()
             self._write_queued()
 
+    def _probe(self) -> None:
+        try:
+            self.log.sink.probe()
+        except Exception as exc:
+            if self._failure is None:
+                _log.error("limenex: the audit log cannot be written: %s", exc)
+            self._failure = exc
+        else:
+            self._failure = None
+
     def _write_queued(self) -> None:
         with self._write_lock:
             queue = self._queue
+            if not queue and self._failure is not None:
+                self._probe()  # nothing to retry: find out whether the sink is back
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
                 try:
-                    records = [self._record(item) for item in batch]
-                    self.log.append_many(records)
+                    records = [self._record_or_placeholder(item) for item in batch]
+                    self.log.sink.append_many(records)
                 except BaseException as exc:
                     queue.extendleft(reversed(batch))  # kept, in order, for the next try
                     if self._failure is None:
@@ -887,10 +934,39 @@ class BufferedAuditLog:
     def _record(self, item: tuple[Any, ...]) -> AuditRecord:
         event, subject, params, at, latency, state, extra = item
         if params is None:
-            return AuditRecord.from_request(event, subject, at=at, extra=extra)
-        if type(subject) is tuple:  # an allowed call's outcome (see outcome())
-            subject = allowed_decision(*subject)
-        return self.log._build(event, subject, params, at, latency, state, extra)
+            record = AuditRecord.from_request(event, subject, at=at, extra=extra)
+        else:
+            if type(subject) is tuple:  # an allowed call's outcome (see outcome())
+                subject = allowed_decision(*subject)
+            record = self.log._build(event, subject, params, at, latency, state, extra)
+        return self.log._processed(record)
+
+    def _record_or_placeholder(self, item: tuple[Any, ...]) -> AuditRecord:
+        """The item's record; if it cannot be built or processed, a record that says so.
+
+        One record that cannot be made (a processor that raises on it) must neither wedge the
+        log, blocking every call, nor vanish: its place in the chain holds what is known
+        (event, skill, agent, time) and why the rest is missing, without any params.
+        """
+        try:
+            return self._record(item)
+        except Exception as exc:
+            event, subject, _, at, *_ = item
+            skill, agent = (
+                subject
+                if type(subject) is tuple
+                else (getattr(subject, "skill_id", "?"), getattr(subject, "agent_id", "?"))
+            )
+            return AuditRecord(
+                time=_iso(at),
+                event=str(event),
+                skill_id=str(skill),
+                agent_id=str(agent),
+                params={},
+                verdict=str(getattr(getattr(subject, "verdict", None), "value", "ALLOW")),
+                reason=f"this {event} record could not be made: {_text(exc)[:200]}",
+                extra={"unrecordable": type(exc).__name__},
+            )
 
     def flush(self) -> None:
         """Write everything queued so far; raise :class:`AuditError` if it cannot be written.
@@ -917,6 +993,7 @@ class BufferedAuditLog:
 
 _NOTHING: Mapping[str, Any] = {}
 _buffered: weakref.WeakSet[BufferedAuditLog] = weakref.WeakSet()
+_sinks: weakref.WeakSet[JsonlSink] = weakref.WeakSet()
 
 
 def _flush_at_exit() -> None:
@@ -927,7 +1004,10 @@ def _flush_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # Records queued before the fork belong to the parent, which writes them.
+    # Records queued before the fork belong to the parent, which writes them; a lock another
+    # thread held at the fork would never be released in the child.
+    for sink in list(_sinks):
+        sink._lock = threading.Lock()
     for log in list(_buffered):
         log._setup()
 
