@@ -23,6 +23,7 @@ from limenex.audit import (
     AuditError,
     AuditLog,
     AuditRecord,
+    BufferedAuditLog,
     JsonlSink,
     MemorySink,
     Redactor,
@@ -610,3 +611,62 @@ def test_a_chained_line_is_the_canonical_json_of_the_record(
     # A record changed after chaining is serialised afresh, never from the old line.
     changed = dataclasses.replace(linked, reason="edited")
     assert changed.line() == canonical_json(changed.to_dict())
+
+
+def test_a_redacted_value_quoted_in_the_reason_or_a_subject_is_redacted_too(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+    engine = PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(
+            """
+            comms.send:
+              policies:
+                - {type: deterministic, dimension: allowed_recipients, param: recipient,
+                   operator: in, values: [ops@example.com], breach_verdict: BLOCK}
+            billing.charge:
+              policies:
+                - {type: deterministic, dimension: per_card, operator: lte, value: 1,
+                   scope: [agent, card], breach_verdict: ESCALATE}
+            """
+        ),
+        state_store="memory://",
+        audit_logger=AuditLog(JsonlSink(path), redact=["recipient", "card"]),
+    )
+    with pytest.raises(BlockedError):
+        engine.execute_sync(
+            "comms.send", "agent-1", {"recipient": "ana@secret.example"}, lambda: None
+        )
+    engine.execute_sync("billing.charge", "agent-1", {"card": "4242424242424242"}, lambda: None)
+    with pytest.raises(EscalationRequired) as paused:
+        engine.execute_sync("billing.charge", "agent-1", {"card": "4242424242424242"}, lambda: None)
+    assert paused.value.request_id is not None
+    engine.approvals.approve_sync(paused.value.request_id, approver="ops")
+    text = path.read_text()
+    assert "ana@secret.example" not in text
+    assert "4242424242424242" not in text
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["event"] for r in records] == [
+        "blocked",
+        "allowed",
+        "executed",
+        "escalated",
+        "approved",
+    ]
+    assert "[redacted]" in records[0]["reason"]
+    assert records[2]["extra"]["state"][0]["subject"] == '["agent-1","[redacted]"]'
+    assert verify(path).ok
+
+
+def test_the_tools_and_the_default_log_read_the_redaction_list_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from limenex.audit import REDACT_ENV, redact_from_env
+
+    monkeypatch.setenv(REDACT_ENV, "card, payload.card.number,,iban")
+    assert redact_from_env() == ("card", "payload.card.number", "iban")
+    engine = PolicyEngine(InMemoryPolicyStore.from_yaml(POLICY), "memory://")
+    log = engine.audit_logger
+    assert isinstance(log, BufferedAuditLog)
+    assert log.log.processors[0].fields == ("card", "payload.card.number", "iban")  # type: ignore[attr-defined]
+    engine.close()

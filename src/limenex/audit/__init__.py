@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import weakref
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_PATH",
     "GENESIS",
     "REDACTED",
+    "REDACT_ENV",
     "AuditError",
     "AuditLog",
     "AuditRecord",
@@ -75,6 +77,7 @@ __all__ = [
     "path_for",
     "read_tail",
     "record_hash",
+    "redact_from_env",
     "verify",
     "verify_lines",
 ]
@@ -83,6 +86,20 @@ _log = logging.getLogger("limenex")
 
 DEFAULT_PATH = ".limenex/audit.log"
 """Where the CLI reads and writes the audit log unless told otherwise."""
+
+
+REDACT_ENV = "LIMENEX_AUDIT_REDACT"
+"""The environment variable that lists params to redact (``card,payload.card.number``)."""
+
+
+def redact_from_env() -> tuple[str, ...]:
+    """The fields :data:`REDACT_ENV` lists (commas or spaces between them).
+
+    The engine's default audit log, ``limenex approvals`` and ``limenex serve`` all read it,
+    so records written by each of them redact the same params.
+    """
+    text = os.environ.get(REDACT_ENV, "")
+    return tuple(field for field in re.split(r"[,\s]+", text) if field)
 
 
 def path_for(state_store: object = None) -> Path:
@@ -402,6 +419,11 @@ class Redactor:
     A field is a top-level param name (``card``) or a dotted path into nested mappings
     (``payload.card.number``); where the path crosses a list, it applies to every item. A
     path that is not there is ignored. The original params are never modified.
+
+    A redacted value can also be quoted elsewhere in the record: in the reason (``recipient
+    'ana@example.com' is not in ...``) or in a counter's subject (``scope: [agent, card]``).
+    Every whole-word occurrence of it, in the reason and anywhere in ``extra``, is replaced
+    too.
     """
 
     __slots__ = ("_paths", "fields")
@@ -415,28 +437,73 @@ class Redactor:
 
     def __call__(self, record: AuditRecord) -> AuditRecord:
         params: Any = record.params
+        secrets: set[str] = set()
         for path in self._paths:
-            params = _redact(params, path)
+            params = _redact(params, path, secrets)
         if params is record.params:
             return record
-        return dataclasses.replace(record, params=params)
+        secrets.discard("")
+        if not secrets:
+            return dataclasses.replace(record, params=params)
+        pattern = re.compile(
+            "|".join(
+                rf"(?<!\w){re.escape(text)}(?!\w)"
+                for text in sorted(secrets, key=len, reverse=True)
+            )
+        )
+        return dataclasses.replace(
+            record,
+            params=params,
+            reason=pattern.sub(REDACTED, record.reason),
+            extra=_scrub(record.extra, pattern),
+        )
 
     def __repr__(self) -> str:
         return f"Redactor(fields={list(self.fields)!r})"
 
 
-def _redact(value: Any, path: Sequence[str]) -> Any:
-    """``value`` with ``path`` replaced; the same object when nothing matched (copy on write)."""
+def _redact(value: Any, path: Sequence[str], found: set[str]) -> Any:
+    """``value`` with ``path`` replaced; the same object when nothing matched (copy on write).
+
+    Adds the text of every value it replaces (each leaf of a replaced mapping or list) to
+    ``found``.
+    """
     if isinstance(value, list):
-        items = [_redact(item, path) for item in value]
+        items = [_redact(item, path, found) for item in value]
         return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     if not isinstance(value, dict) or path[0] not in value:
         return value
     head, rest = path[0], path[1:]
-    new = REDACTED if not rest else _redact(value[head], rest)
+    if rest:
+        new = _redact(value[head], rest, found)
+    else:
+        new = REDACTED
+        _leaves(value[head], found)
     if new is value[head]:
         return value
     return {**value, head: new}
+
+
+def _leaves(value: Any, found: set[str]) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _leaves(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _leaves(item, found)
+    elif value is not None and not isinstance(value, bool):
+        found.add(str(value))
+
+
+def _scrub(value: Any, pattern: re.Pattern[str]) -> Any:
+    """``value`` with every match of ``pattern`` in its strings (keys too) redacted."""
+    if isinstance(value, str):
+        return pattern.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {_scrub(k, pattern): _scrub(v, pattern) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item, pattern) for item in value]
+    return value
 
 
 # --- sinks --------------------------------------------------------------------------------

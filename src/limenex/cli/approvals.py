@@ -74,7 +74,7 @@ def _approvals(
     ``ClickException`` (exit 1), as in ``limenex state``.
     """
     from limenex.approvals import Approvals, approval_store_for
-    from limenex.audit import AuditLog, JsonlSink, path_for
+    from limenex.audit import AuditLog, JsonlSink, path_for, redact_from_env
 
     with _store(url, must_exist=not _requests_kept(url), changes=changes) as state:
         store = approval_store_for(state)
@@ -84,7 +84,7 @@ def _approvals(
                 return
             path = Path(audit_log) if audit_log is not None else path_for(state)
             _check_writable(path)
-            log = AuditLog(JsonlSink(path))
+            log = AuditLog(JsonlSink(path), redact=redact_from_env())
             try:
                 yield Approvals(store, audit=log), path
             finally:

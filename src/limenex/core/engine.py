@@ -45,7 +45,7 @@ from limenex.approvals import (
     request_from_decision,
 )
 from limenex.approvals.request import refused
-from limenex.audit import AuditLog, BufferedAuditLog, JsonlSink
+from limenex.audit import AuditLog, BufferedAuditLog, JsonlSink, redact_from_env
 from limenex.audit import path_for as audit_path_for
 from limenex.core.clock import Clock, SystemClock
 from limenex.core.decision import Decision, Verdict
@@ -1011,7 +1011,9 @@ _NOTIFY_TIMEOUT = 10.0
 
 def _default_audit_log(state_store: StateStore) -> BufferedAuditLog:
     """A buffered JSONL audit log at :func:`limenex.audit.path_for` the state store."""
-    return BufferedAuditLog(AuditLog(JsonlSink(audit_path_for(state_store))))
+    return BufferedAuditLog(
+        AuditLog(JsonlSink(audit_path_for(state_store)), redact=redact_from_env())
+    )
 
 
 def _action_name(fn: Callable[..., Any]) -> str:
