@@ -101,3 +101,36 @@ def test_bad_path_is_refused_naming_the_argument(tree: Path, bad: object) -> Non
     with pytest.raises(InvalidArgumentError) as caught:
         write(agent_id="a", filepath=bad, content="x")  # type: ignore[arg-type]
     assert caught.value.argument == "filepath"
+
+
+def test_the_engines_own_files_are_never_changed_by_a_governed_call(tmp_path: Path) -> None:
+    """Whatever the policies say, no filesystem skill may touch the files the engine is
+    governed by: its policies, state, approvals and audit log (and their siblings)."""
+    folder = tmp_path / ".limenex"
+    folder.mkdir()
+    policy = folder / "policies.yaml"
+    policy.write_text(
+        "filesystem.write:\n  policies: []\nfilesystem.delete:\n  policies: []\n"
+        "filesystem.move:\n  policies: []\n"
+    )
+    engine = PolicyEngine(policy)  # state.db and audit.log beside the policy file
+    write, delete, move = make_write(engine), make_delete(engine), make_move(engine)
+    write(agent_id="a", filepath=tmp_path / "notes.txt", content="fine")  # anything else: ok
+    before = policy.read_text()
+    attempts = [
+        lambda: write(agent_id="a", filepath=policy, content="filesystem.write: {policies: []}"),
+        lambda: write(agent_id="a", filepath=folder / "state.db", content="x"),
+        lambda: write(agent_id="a", filepath=str(folder / "state.db") + "-wal", content="x"),
+        lambda: write(agent_id="a", filepath=folder / "../.limenex/audit.log", content="x"),
+        lambda: delete(agent_id="a", filepath=folder / "audit.log"),
+        lambda: move(agent_id="a", src=folder, dst=tmp_path / "elsewhere"),
+        lambda: move(agent_id="a", src=tmp_path / "notes.txt", dst=policy),
+    ]
+    for attempt in attempts:
+        with pytest.raises(BlockedError, match="files this engine is governed by"):
+            attempt()
+    assert policy.read_text() == before
+    assert (tmp_path / "notes.txt").read_text() == "fine"
+    engine.close()
+    events = [line for line in (folder / "audit.log").read_text().splitlines()]
+    assert sum('"event":"blocked"' in line for line in events) == len(attempts)

@@ -66,6 +66,7 @@ from limenex.core.evaluation import (
     check_agent_id,
     compile_skill,
     first_state_breach,
+    normalise_path,
     plan_call,
     semantic_decision,
     state_decision,
@@ -479,6 +480,57 @@ class PolicyEngine:
         if not callable(build):
             raise LimenexConfigError(f"{skill_id}: the action builder must be callable")
         self._actions[(skill_id, name)] = build
+
+    def own_files(self) -> tuple[str, ...]:
+        """The files this engine depends on: its policy files, state, approvals, audit log.
+
+        Absolute and normalised. :meth:`refuse_own_files` keeps governed calls off them, and
+        the siblings a store keeps beside each (``state.db-wal``, ``state.json.pending``).
+        """
+        found: list[str] = []
+        policy_set = getattr(self.policy_store, "policy_set", None)
+        sources = getattr(policy_set() if callable(policy_set) else None, "sources", ())
+        found.extend(str(source) for source in sources)
+        found.append(str(getattr(self.policy_store, "path", "") or ""))
+        for store in (self.state_store, self._approval_store):
+            found.append(str(getattr(store, "path", "") or ""))
+        if self._approval_store is None:  # where approval_store_for would keep them
+            from limenex.core.stores import LocalFileStateStore
+
+            if isinstance(self.state_store, LocalFileStateStore):
+                found.append(os.path.splitext(self.state_store.path)[0] + ".approvals.json")
+        sink = getattr(getattr(self.audit_logger, "log", self.audit_logger), "sink", None)
+        found.append(str(getattr(sink, "path", "") or ""))
+        return tuple(sorted({normalise_path(path) for path in found if path}))
+
+    def refuse_own_files(
+        self, skill_id: str, agent_id: str, params: Mapping[str, Any], *paths: str
+    ) -> None:
+        """Raise :class:`BlockedError` (audited) if a path is one of :meth:`own_files`.
+
+        A path matches a file, a sibling named after it (``<file>.x``, ``<file>-x``) or a
+        folder holding one: a governed call must never rewrite, delete or move the policies,
+        the state, the approvals or the audit log it is judged by, whatever the policies say.
+        The built-in filesystem skills call it before evaluating.
+        """
+        own = self.own_files()
+        for path in paths:
+            for file in own:
+                if (
+                    path == file
+                    or path.startswith((file + ".", file + "-"))
+                    or file.startswith(path.rstrip(os.sep) + os.sep)
+                ):
+                    decision = Decision(
+                        Verdict.BLOCK,
+                        skill_id,
+                        agent_id if isinstance(agent_id, str) else "",
+                        f"{skill_id}: {path} is, or holds, one of the files this engine is "
+                        "governed by (policies, state, approvals, audit log); no governed "
+                        "call may change it.",
+                    )
+                    self._audit("blocked", decision, params, fail_closed=False)
+                    raise BlockedError(decision)
 
     @property
     def approval_store(self) -> ApprovalStore:

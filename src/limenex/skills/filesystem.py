@@ -64,6 +64,7 @@ def make_write(
                 argument="content",
             )
         params = {"agent_id": agent_id, "filepath": path, "content": content}
+        engine.refuse_own_files("filesystem.write", agent_id, params, path)
         return engine.execute_sync(
             "filesystem.write", agent_id, params, lambda: act(filepath=path, content=content)
         )
@@ -85,6 +86,7 @@ def make_delete(
         """Delete the file at ``filepath``, if the policies allow it."""
         path = _path("filepath", filepath)
         params = {"agent_id": agent_id, "filepath": path}
+        engine.refuse_own_files("filesystem.delete", agent_id, params, path)
         return engine.execute_sync(
             "filesystem.delete", agent_id, params, lambda: act(filepath=path)
         )
@@ -106,6 +108,7 @@ def make_move(
         """Move ``src`` to ``dst``, if the policies allow it."""
         source, target = _path("src", src), _path("dst", dst)
         params = {"agent_id": agent_id, "src": source, "dst": target}
+        engine.refuse_own_files("filesystem.move", agent_id, params, source, target)
         return engine.execute_sync(
             "filesystem.move", agent_id, params, lambda: act(src=source, dst=target)
         )
