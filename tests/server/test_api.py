@@ -105,6 +105,10 @@ def inbox(tmp_path: Path) -> Iterator[Inbox]:
     made.close()
 
 
+def without_display(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if key != "display"}
+
+
 def assert_protected(response: Any) -> None:
     for name, value in SECURITY_HEADERS.items():
         assert response.headers.get(name) == value, name
@@ -161,14 +165,14 @@ def test_pending_requests_oldest_first_each_as_to_dict(inbox: Inbox) -> None:
     response = inbox.client.get("/api/requests", headers=AUTH)
     assert response.status_code == 200
     assert_protected(response)
-    assert response.json() == [first.to_dict(), second.to_dict()]
+    assert [without_display(r) for r in response.json()] == [first.to_dict(), second.to_dict()]
 
 
 def test_one_request_in_any_status_and_404_for_an_unknown_one(inbox: Inbox) -> None:
     request = inbox.add(params={"amount_usd": Decimal("120.50"), "note": "<b>hi</b>"})
     got = inbox.client.get(f"/api/requests/{request.id}", headers=AUTH)
     assert got.status_code == 200
-    assert got.json() == request.to_dict()
+    assert without_display(got.json()) == request.to_dict()
     assert got.json()["params"] == {"amount_usd": "120.50", "note": "<b>hi</b>"}
     inbox.approvals.approve_sync(request.id, "alice")
     assert inbox.client.get(f"/api/requests/{request.id}", headers=AUTH).json()["status"] == (
@@ -652,3 +656,24 @@ async def test_approving_through_the_api_lets_an_engine_resume_once(inbox: Inbox
     engine.close()
     assert inbox.audit_events() == ["escalated", "approved", "allowed", "resumed", "executed"]
     assert verify(inbox.audit_path).ok
+
+
+def test_the_page_shows_server_made_text_exact_and_free_of_hidden_characters(
+    inbox: Inbox,
+) -> None:
+    """JavaScript would round 12345678901234567891 and show a Decimal like any string; a
+    right-to-left override could make "100" read as "001"."""
+    from limenex.approvals import decimal_paths, request_from_decision
+    from limenex.core.decision import Decision, Verdict
+
+    params = {"big": 12345678901234567891, "amount": Decimal("1.10"), "to": "ana\u202egpj.exe"}
+    decision = Decision(Verdict.ESCALATE, "finance.spend", "agent\x1b[2J", "why")
+    request = request_from_decision(decision, params, now=time.time(), ttl=60)
+    assert request.decimals == decimal_paths(params)
+    inbox.store.create(request)
+    shown = inbox.client.get(f"/api/requests/{request.id}", headers=AUTH).json()["display"]
+    assert '"big": 12345678901234567891' in shown["params"]
+    assert shown["decimals"] == "amount"
+    assert "\\u202e" in shown["params"]
+    assert "\u202e" not in shown["params"]
+    assert shown["agent_id"] == "agent\\u001b[2J"

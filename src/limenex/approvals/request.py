@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import secrets
+import unicodedata
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -46,9 +47,11 @@ __all__ = [
     "canonical_json",
     "canonical_params",
     "decimal_paths",
+    "display_json",
     "fingerprint",
     "new_request_id",
     "request_from_decision",
+    "visible",
 ]
 
 
@@ -300,6 +303,26 @@ def fingerprint(skill_id: str, agent_id: str, params: Mapping[str, Any], action:
             f"params hold text that is not valid Unicode ({exc})", argument="params"
         ) from exc
     return hashlib.sha256(data).hexdigest()
+
+
+def visible(text: str) -> str:
+    """``text`` safe to show a human: control and format characters as ``\\uXXXX``.
+
+    Params are the agent's text: terminal escape sequences or bidirectional overrides in them
+    could make a request read differently from what it is. Newlines stay (``\\n`` stays
+    visible in JSON anyway).
+    """
+    return "".join(
+        f"\\u{ord(c):04x}" if c != "\n" and unicodedata.category(c) in _HIDDEN else c for c in text
+    )
+
+
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def display_json(value: Any) -> str:
+    """JSON data as a human should read it: exact numbers, sorted keys, :func:`visible`."""
+    return visible(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
 
 
 def new_request_id() -> str:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from limenex.approvals.request import visible
 from limenex.cli.state import F, _json_option, _store, _table, _url_option, _when
 from limenex.core.errors import LimenexError
 
@@ -123,7 +124,8 @@ def _refuse(as_json: bool, message: str, why: str) -> NoReturn:
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One line of JSON, as a human should read it (see :func:`visible`)."""
+    return visible(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
 def _short(text: str, width: int = _PARAMS_WIDTH) -> str:
@@ -170,10 +172,10 @@ def list_command(url: str, audit_log: str | None, as_json: bool) -> None:
     rows = [
         [
             r.id,
-            r.skill_id,
-            r.agent_id,
+            visible(r.skill_id),
+            visible(r.agent_id),
             _short(_compact(r.params)),
-            _short(r.reason),
+            _short(visible(r.reason)),
             _time(r.expires_at, now),
         ]
         for r in requests
@@ -203,7 +205,7 @@ def show(request_id: str, url: str, audit_log: str | None, as_json: bool) -> Non
         if key in times:
             text = _time(value, now)
         elif isinstance(value, str):
-            text = value if value else "-"
+            text = visible(value) if value else "-"
         elif value is None:
             text = "-"
         else:
@@ -238,7 +240,8 @@ def _decide(
         return
     verb = "approved" if action == "approve" else "denied"
     click.echo(
-        f"{verb} {done.id}: {done.skill_id} for {done.agent_id} {_compact(done.params)}"
+        f"{verb} {done.id}: {visible(done.skill_id)} for {visible(done.agent_id)}"
+        f" {_compact(done.params)}"
         f" by {by}{f' ({note})' if note else ''}; recorded in {path}"
     )
 

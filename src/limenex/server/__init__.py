@@ -53,6 +53,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from limenex.approvals import ApprovalRefused, ApprovalRequest, Approvals
+from limenex.approvals.request import display_json, visible
 from limenex.audit import AuditError, read_tail
 from limenex.core.errors import StateStoreError
 from limenex.core.state import StateStore
@@ -192,6 +193,28 @@ def _json_errors(endpoint: Endpoint) -> Endpoint:
     return guarded
 
 
+def _view(request: ApprovalRequest) -> dict[str, Any]:
+    """``to_dict()``, plus ``display``: the texts the page shows a human, made safe to read.
+
+    JavaScript would round integers beyond 2**53 and show a ``Decimal`` like any string, and
+    a control or bidirectional character could make text read as something else; the page
+    shows these server-made texts instead (see :func:`~limenex.approvals.request.visible`).
+    """
+    data = request.to_dict()
+    decimals = ", ".join(".".join(map(str, path)) for path in request.decimals)
+    data["display"] = {
+        "skill_id": visible(request.skill_id),
+        "agent_id": visible(request.agent_id),
+        "reason": visible(request.reason),
+        "params": display_json(request.params),
+        "policy": "—" if request.policy is None else display_json(request.policy),
+        "decimals": decimals or "—",
+        "note": visible(request.note),
+        "decided_by": visible(request.decided_by or ""),
+    }
+    return data
+
+
 def _static(name: str) -> str:
     return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
 
@@ -232,14 +255,14 @@ def create_app(
 
     async def list_requests(request: Request) -> Response:
         pending = await approvals.pending()
-        return JSONResponse([r.to_dict() for r in pending])
+        return JSONResponse([_view(r) for r in pending])
 
     async def get_request(request: Request) -> Response:
         request_id = str(request.path_params["request_id"])
         found = None if len(request_id) > _MAX_ID else await approvals.get(request_id)
         if found is None:
             return _error(404, f"no approval request {request_id!r}", why="unknown")
-        return JSONResponse(found.to_dict())
+        return JSONResponse(_view(found))
 
     async def approve(request: Request) -> Response:
         return await decide(request, approvals.approve)
@@ -269,7 +292,7 @@ def create_app(
         if len(note) > _MAX_NOTE:
             return _error(400, f'"note" is longer than {_MAX_NOTE} characters')
         done = await act(request_id, by.strip(), note)
-        return JSONResponse(done.to_dict())
+        return JSONResponse(_view(done))
 
     async def audit_tail(request: Request) -> Response:
         raw = request.query_params.get("n", "50")

@@ -72,26 +72,24 @@
     dl.append(dd);
   }
 
-  function pretty(value) {
-    return element("pre", "", JSON.stringify(value, null, 2));
-  }
-
   function card(request) {
     const item = element("li", "request");
     item.dataset.requestId = request.id;
     const headingId = "req-" + Math.random().toString(36).slice(2);
     const article = element("article");
     article.setAttribute("aria-labelledby", headingId);
-    const heading = element("h3", "", request.skill_id + " — " + request.agent_id);
+    const shown = request.display;
+    const heading = element("h3", "", shown.skill_id + " — " + shown.agent_id);
     heading.id = headingId;
     article.append(heading);
 
     const dl = element("dl");
-    row(dl, "Skill", request.skill_id);
-    row(dl, "Agent", request.agent_id);
-    row(dl, "Reason", request.reason);
-    row(dl, "Params", pretty(request.params));
-    row(dl, "Policy", request.policy === null ? "—" : pretty(request.policy));
+    row(dl, "Skill", shown.skill_id);
+    row(dl, "Agent", shown.agent_id);
+    row(dl, "Reason", shown.reason);
+    row(dl, "Params", element("pre", "", shown.params));
+    row(dl, "Exact decimals", shown.decimals);
+    row(dl, "Policy", element("pre", "", shown.policy));
     row(dl, "Requested", when(request.created_at));
     row(dl, "Expires", when(request.expires_at) + " (" + untilText(request.expires_at) + ")");
     row(dl, "Request id", request.id);
@@ -157,7 +155,7 @@
   async function decide(request, action, note, item) {
     const buttons = item.querySelectorAll("button");
     buttons.forEach((b) => (b.disabled = true));
-    const what = request.skill_id + " for " + request.agent_id;
+    const what = request.display.skill_id + " for " + request.display.agent_id;
     try {
       const result = await api(
         "/api/requests/" + encodeURIComponent(request.id) + "/" + action,
