@@ -670,3 +670,25 @@ def test_the_tools_and_the_default_log_read_the_redaction_list_from_the_environm
     assert isinstance(log, BufferedAuditLog)
     assert log.log.processors[0].fields == ("card", "payload.card.number", "iban")  # type: ignore[attr-defined]
     engine.close()
+
+
+def test_a_kept_head_finds_records_cut_off_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(JsonlSink(path))
+    for i in range(5):
+        log.write("executed", allow(), {"i": i})
+    runner = CliRunner()
+    done = runner.invoke(main, ["audit", "verify", "--path", str(path), "--json"])
+    head = json.loads(done.output)["head"]
+    log.write("executed", allow(), {"i": 5})  # the log grows: the kept head is still in it
+    ok = runner.invoke(main, ["audit", "verify", "--path", str(path), "--expect-head", head])
+    assert ok.exit_code == 0, ok.output
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]))  # the last three records cut off: a valid chain
+    assert verify(path).ok
+    cut = runner.invoke(main, ["audit", "verify", "--path", str(path), "--expect-head", head])
+    assert cut.exit_code == 1
+    assert "incomplete" in cut.output
+    assert "cut off" in cut.output
+    result = verify(path, expect_head=head)
+    assert (result.ok, result.count, result.first_bad_line) == (False, 3, None)

@@ -1114,27 +1114,37 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyResult:
+def verify(path: str | os.PathLike[str], expect_head: str | None = None) -> VerifyResult:
     """Check every line of the log at ``path``: form, hash, ``seq`` and ``prev`` links.
 
-    Stops at the first broken line. Raises :class:`AuditError` only when the file cannot be
-    read (missing, a directory, no permission).
+    Stops at the first broken line. ``expect_head`` is a head kept from an earlier verify:
+    a chain without a record of that hash fails (records were cut off the end, or the whole
+    log was rewritten), with ``first_bad_line`` ``None``. Raises :class:`AuditError` only
+    when the file cannot be read (missing, a directory, no permission).
     """
     try:
         with open(path, "rb") as file:
-            return verify_lines(file)
+            return verify_lines(file, expect_head)
     except OSError as exc:
         raise AuditError(f"cannot read the audit log {path}: {exc}") from exc
 
 
-def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
+def verify_lines(lines: Iterable[bytes], expect_head: str | None = None) -> VerifyResult:
     """:func:`verify` over raw lines (each ending in ``\\n``, as read from the file)."""
     count, prev = 0, GENESIS
+    seen = expect_head is None or expect_head == GENESIS
     for number, raw in enumerate(lines, start=1):
         why, digest = _check_line(raw, count + 1, prev)
         if why is not None:
             return VerifyResult(False, count, number, why, prev)
         count, prev = count + 1, digest
+        seen = seen or digest == expect_head
+    if not seen:
+        why = (
+            f"no record has the expected head {expect_head}: records were cut off the end, or"
+            " the log was rewritten"
+        )
+        return VerifyResult(False, count, None, why, prev)
     return VerifyResult(True, count, None, None, prev)
 
 

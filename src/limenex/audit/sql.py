@@ -445,7 +445,9 @@ class SQLSink(AuditSink):
             self._backend.close()
 
 
-def verify_sql(url: str, table: str = DEFAULT_TABLE) -> VerifyResult:
+def verify_sql(
+    url: str, table: str = DEFAULT_TABLE, expect_head: str | None = None
+) -> VerifyResult:
     """:func:`~limenex.audit.verify` for an audit table: every row, in ``seq`` order.
 
     ``first_bad_line`` is the position of the first bad row (1-based), which is the ``seq``
@@ -468,7 +470,7 @@ def verify_sql(url: str, table: str = DEFAULT_TABLE) -> VerifyResult:
 
     reading = lines()
     try:
-        result = verify_lines(reading)
+        result = verify_lines(reading, expect_head)
     finally:
         reading.close()  # ends the read (and its transaction) before the connection goes
         backend.close()

@@ -138,19 +138,27 @@ def _line(record: dict[str, Any]) -> str:
 @audit.command(name="verify")
 @_path_option
 @_sql_options
+@click.option(
+    "--expect-head",
+    metavar="HASH",
+    help="A head hash kept from an earlier verify (--json prints it): fail unless the chain"
+    " still holds that record, so records cut off the end are found too.",
+)
 @_json_option
-def verify_command(path: str, sql_url: str | None, table: str | None, as_json: bool) -> None:
+def verify_command(
+    path: str, sql_url: str | None, table: str | None, expect_head: str | None, as_json: bool
+) -> None:
     """Check every record's hash and its link to the one before; exit 1 at the first break."""
     target = _sql_target(sql_url, table)
     if target is None and not Path(path).exists():
         _fail(as_json, f"✗ No audit log at {path}", {"error": f"no audit log at {path}"})
     try:
         if target is None:
-            result = verify(path)
+            result = verify(path, expect_head)
         else:
             from limenex.audit.sql import verify_sql
 
-            result = verify_sql(*target)
+            result = verify_sql(*target, expect_head=expect_head)
     except AuditError as exc:
         _fail(as_json, f"✗ {exc}", {"error": str(exc)})
     if as_json:
@@ -170,6 +178,9 @@ def verify_command(path: str, sql_url: str | None, table: str | None, as_json: b
             raise click.exceptions.Exit(1)
         return
     where = "line" if target is None else "seq"
+    if not result.ok and result.first_bad_line is None:
+        click.echo(f"✗ Audit log incomplete: {result.why}", err=True)
+        raise click.exceptions.Exit(1)
     if not result.ok:
         click.echo(f"✗ Audit log broken at {where} {result.first_bad_line}: {result.why}", err=True)
         raise click.exceptions.Exit(1)
