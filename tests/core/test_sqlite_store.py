@@ -178,14 +178,13 @@ def _assert_refused(path: Path, match: str) -> None:
     with pytest.raises(CorruptStateError):
         store.peek([spend("1")], T0)
     ran: list[int] = []
+    engine = _engine(store)
     with pytest.raises(BlockedError) as blocked:
-        _engine(store).execute_sync(
-            "finance.spend", "agent-1", {"amount_usd": 1}, lambda: ran.append(1)
-        )
+        engine.execute_sync("finance.spend", "agent-1", {"amount_usd": 1}, lambda: ran.append(1))
     assert blocked.value.decision.fail_closed
     assert isinstance(blocked.value.__cause__, CorruptStateError)
     assert ran == []
-    store.close()
+    engine.close()  # closes the store and flushes the audit log
     assert path.read_bytes() == content
 
 
@@ -205,7 +204,9 @@ def test_a_file_that_is_not_an_sqlite_database_is_refused_and_kept(
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
     _assert_refused(path, match)
-    assert sorted(os.listdir(path.parent)) == ["state.db"]
+    # Nothing beside it but the engine's audit log, which says the call was blocked.
+    assert sorted(os.listdir(path.parent)) == ["audit.log", "state.db"]
+    assert '"event":"blocked"' in (path.parent / "audit.log").read_text()
 
 
 def test_another_applications_database_is_refused_and_kept(path: Path) -> None:
