@@ -161,7 +161,9 @@ def test_too_many_records_waiting_blocks_calls() -> None:
 def test_a_closed_log_blocks_calls() -> None:
     log = BufferedAuditLog(AuditLog(MemorySink()), flush_interval=60)
     engine = engine_with(log)
-    engine.close()
+    engine.close()  # a log the engine was given is flushed, not closed: others may share it
+    spend(engine, [], 0)
+    log.close()
     ran: list[int] = []
     with pytest.raises(BlockedError, match="closed"):
         spend(engine, ran, 1)

@@ -171,9 +171,10 @@ class PolicyEngine:
         self.policy_store = policy_store
         self.state_store = state_store
         self.llm_evaluator = llm_evaluator
+        self._owns_audit = audit_logger is None  # close() closes only what it made
         if audit_logger is None:
             audit_logger = _default_audit_log(state_store)
-        self.audit_logger: AuditHook | None = audit_logger or None
+        self.audit_logger: AuditHook | None = None if audit_logger is False else audit_logger
         # Our own logs take the call's latency, state change and request id too.
         self._rich_audit = isinstance(audit_logger, AuditLog | BufferedAuditLog)
         # The buffered log takes an allowed call's outcome straight from the call's path.
@@ -634,15 +635,20 @@ class PolicyEngine:
         return asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop).result()
 
     def close(self) -> None:
-        """Stop helper threads, flush the audit log, close the stores."""
+        """Stop helper threads, flush the audit log, close the stores.
+
+        The default audit log is closed; one you passed is flushed and left open.
+        """
         with self._loop_lock:
             if self._loop_thread is not None:
                 self._loop_thread.stop()
                 self._loop_thread = None
         try:
-            closer = getattr(self.audit_logger, "close", None)
-            if self._rich_audit and closer is not None:
-                closer()
+            log = self.audit_logger
+            if self._owns_audit and isinstance(log, BufferedAuditLog):
+                log.close()
+            elif isinstance(log, BufferedAuditLog):
+                log.flush()  # yours to close: other engines may share it
         finally:
             if self._approval_store is not None:
                 self._approval_store.close()
