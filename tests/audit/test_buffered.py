@@ -133,11 +133,16 @@ def test_a_failing_sink_blocks_calls_keeps_every_record_and_recovers() -> None:
     assert "audit" in blocked.value.decision.reason
     assert ran == [1, 2]
     sink.down = False
-    log.flush()  # the retry writes what was kept, in order
-    assert [r.params["n"] for r in sink.records] == [1, 2]
+    log.flush()  # the retry writes what was kept, in order, with the call it blocked
+    assert [(r.event, r.params["n"]) for r in sink.records] == [
+        ("executed", 1),
+        ("executed", 2),
+        ("blocked", 3),
+    ]
+    assert sink.records[2].fail_closed
     spend(engine, ran, 4)
     log.flush()
-    assert [r.params["n"] for r in sink.records] == [1, 2, 4]
+    assert [r.params["n"] for r in sink.records] == [1, 2, 3, 4]
     assert ran == [1, 2, 4]
     engine.close()
 
@@ -235,7 +240,13 @@ def test_a_log_that_cannot_be_opened_blocks_from_the_first_call(tmp_path: Path) 
     spend(engine, ran, 2)
     engine.close()
     assert ran == [2]
-    assert verify(blocker / "audit.log").count == 1
+    assert verify(blocker / "audit.log").count == 2
+    events = [
+        json.loads(line)["event"]
+        for line in (blocker / "audit.log").read_text().split("\n")
+        if line
+    ]
+    assert events == ["blocked", "executed"]  # the blocked call was kept until it could be written
 
 
 def test_a_record_that_cannot_be_made_leaves_a_placeholder_not_a_wedged_log() -> None:

@@ -891,11 +891,19 @@ class BufferedAuditLog:
         state: StateChange | None = None,
         **extra: Any,
     ) -> None:
-        """Queue the record of ``event``; raise :class:`AuditError` if the log is failing."""
-        if self._failure is not None or self._closed or len(self._queue) >= self.max_pending:
-            self._refuse()
+        """Queue the record of ``event``.
+
+        ``allowed`` (asked before an action runs) raises :class:`AuditError` unless the log
+        :meth:`admits` calls; its record is the outcome's (see the class docstring). Any other
+        record is queued even while the log is failing, to be written when it recovers; only
+        a closed log, or one ``max_pending`` records behind, refuses it.
+        """
         if event == "allowed":
-            return  # its outcome record carries the decision (see the class docstring)
+            if not self.admits():
+                self._refuse()
+            return
+        if self._closed or len(self._queue) >= self.max_pending:
+            self._refuse()
         latency = None if started is None else (time.perf_counter() - started) * 1000
         self._put((event, decision, dict(params), time.time(), latency, state, extra))
 
@@ -932,8 +940,8 @@ class BufferedAuditLog:
             self._start()
 
     def write_request(self, event: str, request: ApprovalRequest, **extra: Any) -> None:
-        """Queue the record of ``event`` on an approval request."""
-        if self._failure is not None or len(self._queue) >= self.max_pending:
+        """Queue the record of ``event`` on an approval request (kept while the log fails)."""
+        if self._closed or len(self._queue) >= self.max_pending:
             self._refuse()
         self._put((event, request, None, time.time(), None, None, extra))
 
@@ -945,11 +953,11 @@ class BufferedAuditLog:
             self._start()
 
     def _refuse(self) -> None:
+        if self._closed:
+            raise AuditError("the audit log is closed")
         failure = self._failure
         if failure is not None:
             raise AuditError(f"the audit log cannot be written: {failure}") from failure
-        if self._closed:
-            raise AuditError("the audit log is closed")
         raise AuditError(
             f"the audit log is {len(self._queue)} records behind (max_pending "
             f"{self.max_pending}): the sink is too slow"

@@ -21,6 +21,7 @@ BLOCK with ``decision.fail_closed`` set, never in ALLOW.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -993,9 +994,13 @@ class PolicyEngine:
                 hook(event, decision, params)
         except Exception as exc:
             if fail_closed:
-                raise BlockedError(
-                    _failure_decision(decision.skill_id, decision.agent_id, "the audit sink", exc)
-                ) from exc
+                blocked = _failure_decision(
+                    decision.skill_id, decision.agent_id, "the audit sink", exc
+                )
+                if self._buffer is not None:  # kept in its queue until the log recovers
+                    with contextlib.suppress(Exception):
+                        self._buffer("blocked", blocked, params)
+                raise BlockedError(blocked) from exc
             log.exception("limenex: audit sink failed for %s event", event)
 
     def _fail(self, plan: Plan, what: str, exc: BaseException) -> BlockedError:
