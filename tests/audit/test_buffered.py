@@ -9,17 +9,21 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from limenex.audit import (
+    GENESIS,
     AuditError,
     AuditLog,
     AuditRecord,
     BufferedAuditLog,
     JsonlSink,
     MemorySink,
+    chain_body,
     verify,
 )
 from limenex.core.engine import BlockedError, PolicyEngine
@@ -300,3 +304,38 @@ def test_a_child_forked_while_the_sink_is_busy_can_write(tmp_path: Path) -> None
     assert os.waitstatus_to_exitcode(status) == 0
     assert verify(path).count == 2
     engine.close()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"amount_usd": 1.5, "service": "openai", "agent_id": "a"},
+        {"amount": Decimal("0.10"), "tags": ["x", 2], "nested": {"b": None, "a": True}},
+        {"é": "ünïcode", "big": 10**40},
+    ],
+)
+def test_the_writers_short_path_writes_what_the_record_path_would(params: dict[str, Any]) -> None:
+    from limenex.core.decision import allowed_decision
+    from limenex.core.state import Check, CounterKey
+
+    checks = [
+        Check(0, CounterKey("spend", "agent", "a", "day"), None, Decimal("2.5"), "lt", Decimal(9))
+    ]
+    state = (checks, (Decimal("1.25"),))
+    log = BufferedAuditLog(AuditLog(MemorySink()))
+    item = ("executed", ("finance.spend", "a"), params, 1_767_225_600.25, 1.5, state, {})
+    short = log._body(item)
+    record = AuditRecord.from_decision(
+        "executed",
+        allowed_decision("finance.spend", "a"),
+        params,
+        at=1_767_225_600.25,
+        latency_ms=1.5,
+        state=state,
+    )
+    full = record.to_dict()
+    assert (full.pop("seq"), full.pop("prev")) == (None, None)  # set by the chain
+    assert short == full
+    assert chain_body(short, 7, GENESIS) == chain_body(record.to_dict(), 7, GENESIS)
+    assert record.chained(7, GENESIS).line() == chain_body(short, 7, GENESIS)[1]
+    assert short["extra"]["state"][0]["after"] == "3.75"

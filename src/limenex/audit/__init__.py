@@ -47,7 +47,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from limenex.core.decision import Decision, allowed_decision
+from limenex.core.decision import Decision, allowed_decision, allowed_reason
 from limenex.core.errors import LimenexRuntimeError
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ __all__ = [
     "Redactor",
     "VerifyResult",
     "canonical_json",
+    "chain_body",
     "path_for",
     "read_tail",
     "record_hash",
@@ -133,9 +134,12 @@ class AuditError(LimenexRuntimeError):
 
 def canonical_json(value: Any) -> str:
     """The one serialisation that is hashed and written: sorted keys, no spaces, ASCII only."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return _ENCODER.encode(value)
+
+
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -351,19 +355,17 @@ class AuditRecord:
         they are the hashed body; with the hash between them, the line (kept for
         :meth:`line`).
         """
-        body = self.to_dict()
-        body["seq"], body["prev"] = seq, prev
-        body.pop("hash", None)
-        head = canonical_json({key: body.pop(key) for key in _BEFORE_HASH})
-        tail = canonical_json(body)
-        digest = hashlib.sha256(f"{head[:-1]},{tail[1:]}".encode("ascii")).hexdigest()
+        digest, line = chain_body(self.to_dict(), seq, prev)
+        return self._linked(seq, prev, digest, line)
+
+    def _linked(self, seq: int, prev: str, digest: str, line: str) -> AuditRecord:
         linked = object.__new__(AuditRecord)
         for name in _FIELDS:
             object.__setattr__(linked, name, getattr(self, name))
         object.__setattr__(linked, "seq", seq)
         object.__setattr__(linked, "prev", prev)
         object.__setattr__(linked, "hash", digest)
-        object.__setattr__(linked, "_line", f'{head[:-1]},"hash":"{digest}",{tail[1:]}')
+        object.__setattr__(linked, "_line", line)
         return linked
 
     def line(self) -> str:
@@ -396,8 +398,23 @@ def _state_entries(checks: Sequence[Any], observed: Sequence[Decimal]) -> list[d
     return entries
 
 
+def chain_body(body: Mapping[str, Any], seq: int, prev: str) -> tuple[str, str]:
+    """``(hash, line)`` of a record's body (:meth:`AuditRecord.to_dict`) as number ``seq``.
+
+    The canonical JSON is made once, in two halves split where ``hash`` sorts: joined, they
+    are the hashed text; with the hash between them, the line.
+    """
+    head = {key: body[key] for key in _BEFORE_HASH}
+    tail = {key: value for key, value in body.items() if key not in _HEAD_OR_HASH}
+    tail["seq"], tail["prev"] = seq, prev
+    first, second = canonical_json(head)[:-1], canonical_json(tail)[1:]
+    digest = hashlib.sha256(f"{first},{second}".encode("ascii")).hexdigest()
+    return digest, f'{first},"hash":"{digest}",{second}'
+
+
 _FIELDS = tuple(field.name for field in dataclasses.fields(AuditRecord))
 _BEFORE_HASH = ("agent_id", "event", "extra", "fail_closed")
+_HEAD_OR_HASH = frozenset((*_BEFORE_HASH, "hash"))
 """The keys of a record that sort before ``hash`` (checked by the tests)."""
 
 
@@ -524,6 +541,14 @@ class AuditSink:
         """Chain and store ``records`` in order; a sink may make them durable at once."""
         return [self.append(record) for record in records]
 
+    def append_bodies(self, bodies: Sequence[dict[str, Any]]) -> None:
+        """Chain and store records given as their :meth:`AuditRecord.to_dict` bodies.
+
+        The buffered log's path: a sink that can chain a body without making a record first
+        (:class:`JsonlSink`) saves that work. By default, records are made and appended.
+        """
+        self.append_many([AuditRecord.from_dict(body) for body in bodies])
+
     def probe(self) -> None:
         """Raise :class:`AuditError` if records could not be stored now (nothing by default)."""
 
@@ -577,9 +602,17 @@ class JsonlSink(AuditSink):
 
     def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
         """Chain ``records`` onto the file's last one and write them with one fsync."""
+        links = self._write([record.to_dict() for record in records])
+        return [record._linked(*link) for record, link in zip(records, links, strict=True)]
+
+    def append_bodies(self, bodies: Sequence[dict[str, Any]]) -> None:
+        self._write(bodies)
+
+    def _write(self, bodies: Sequence[Mapping[str, Any]]) -> list[tuple[int, str, str, str]]:
+        """Chain and write the bodies; ``(seq, prev, hash, line)`` of each."""
         if fcntl is None:  # pragma: no cover - Windows
             raise AuditError("JsonlSink needs POSIX file locks (fcntl.flock)")
-        if not records:
+        if not bodies:
             return []
         with self._lock:
             try:
@@ -591,12 +624,12 @@ class JsonlSink(AuditSink):
                 size = os.fstat(fd).st_size
                 seq, prev = _head(fd, size, self.path)
                 chained = []
-                for record in records:
+                for body in bodies:
                     seq += 1
-                    link = record.chained(seq, prev)
-                    prev = link.hash or GENESIS
-                    chained.append(link)
-                data = "".join(link.line() + "\n" for link in chained).encode("ascii")
+                    digest, line = chain_body(body, seq, prev)
+                    chained.append((seq, prev, digest, line))
+                    prev = digest
+                data = "".join(link[3] + "\n" for link in chained).encode("ascii")
                 try:
                     _write_all(fd, data)
                     os.fsync(fd)
@@ -996,8 +1029,7 @@ class BufferedAuditLog:
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
                 try:
-                    records = [self._record_or_placeholder(item) for item in batch]
-                    self.log.sink.append_many(records)
+                    self.log.sink.append_bodies([self._body(item) for item in batch])
                 except BaseException as exc:
                     queue.extendleft(reversed(batch))  # kept, in order, for the next try
                     if self._failure is None:
@@ -1015,6 +1047,49 @@ class BufferedAuditLog:
                 subject = allowed_decision(*subject)
             record = self.log._build(event, subject, params, at, latency, state, extra)
         return self.log._processed(record)
+
+    def _body(self, item: tuple[Any, ...]) -> dict[str, Any]:
+        """The item's record body; an allowed call's outcome straight, when nothing processes."""
+        event, subject, params, at, latency, state, extra = item
+        if type(subject) is not tuple or self.log.processors:
+            return self._record_or_placeholder(item).to_dict()
+        try:
+            return self._allowed_body(event, subject, params, at, latency, state, extra)
+        except Exception:
+            return self._record_or_placeholder(item).to_dict()
+
+    @staticmethod
+    def _allowed_body(
+        event: str,
+        subject: tuple[str, str],
+        params: Mapping[str, Any],
+        at: float,
+        latency: float | None,
+        state: StateChange | None,
+        extra: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        skill_id, agent_id = subject
+        details: dict[str, Any] = _jsonable(extra) if extra else {}
+        if state is not None:
+            details["state"] = _state_entries(*state)
+        return {  # what AuditRecord.from_decision(...).to_dict() gives, without the detour
+            "v": SCHEMA_VERSION,
+            "time": _iso(at),
+            "event": event,
+            "skill_id": skill_id,
+            "agent_id": agent_id,
+            "params": _jsonable(params),
+            "verdict": "ALLOW",
+            "reason": allowed_reason(skill_id),
+            "policy": None,
+            "policy_index": None,
+            "observed": None,
+            "projected": None,
+            "limit": None,
+            "fail_closed": False,
+            "latency_ms": None if latency is None else _latency(latency),
+            "extra": details,
+        }
 
     def _record_or_placeholder(self, item: tuple[Any, ...]) -> AuditRecord:
         """The item's record; if it cannot be built or processed, a record that says so.

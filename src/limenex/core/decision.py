@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from limenex.core.policy import Policy
 
-__all__ = ["Decision", "Verdict", "allowed_decision"]
+__all__ = ["Decision", "Verdict", "allowed_decision", "allowed_reason"]
 
 
 class Verdict(enum.StrEnum):
@@ -165,6 +165,9 @@ def _dec(value: Decimal | None) -> str | None:
 
 def allowed_decision(skill_id: str, agent_id: str) -> Decision:
     """The ALLOW decision of a call of ``skill_id`` by ``agent_id`` that breached no policy."""
-    return Decision(
-        Verdict.ALLOW, skill_id, agent_id, f"{skill_id}: allowed, no policy was breached."
-    )
+    return Decision(Verdict.ALLOW, skill_id, agent_id, allowed_reason(skill_id))
+
+
+def allowed_reason(skill_id: str) -> str:
+    """The reason of an ALLOW: one sentence, as every decision has."""
+    return f"{skill_id}: allowed, no policy was breached."
