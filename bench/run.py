@@ -314,6 +314,18 @@ def store_rows(kind: str, calls: int, runs: int, agent_counts: list[int]) -> lis
                     rows.append(
                         Row(scenario, _LABEL[kind], agents, bare, gov, over, runs, calls, target)
                     )
+                    if kind == "sqlite" and agents == 1:  # the store's own cost, as in §9
+                        bare, gov, over = _measure(
+                            _engine(store, audit=False),
+                            agent="agent-1",
+                            calls=calls,
+                            runs=runs,
+                            sync=sync,
+                        )
+                        label = scenario + ", audit off"
+                        rows.append(
+                            Row(label, _LABEL[kind], agents, bare, gov, over, runs, calls, "")
+                        )
             finally:
                 _drop(kind, store)
     return rows
