@@ -28,7 +28,6 @@ A forked child opens its own lock file on first use: it never shares its parent'
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import json
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from limenex.approvals.request import ApprovalRequest, ApprovalStatus, ApprovalStoreError
-from limenex.approvals.store import ApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore, decide, use
 from limenex.core.errors import CorruptStateError, StateStoreError
 from limenex.core.stores import _Corrupt, _File, _no_constant, _show, _unique
 
@@ -56,7 +55,7 @@ _FORK_WAIT = 5.0
 """Seconds a fork waits for a store's operation in another thread to finish."""
 
 
-class FileApprovalStore(ApprovalStore):
+class FileApprovalStore(BlockingApprovalStore):
     """Approval requests in one JSON file, safe across threads and processes of one host.
 
     ``path`` is made absolute once. See the module docstring for the format and the locking.
@@ -136,29 +135,6 @@ class FileApprovalStore(ApprovalStore):
 
     def __del__(self) -> None:  # a store dropped without close() must not leak a descriptor
         self._close_lock_file()
-
-    async def acreate(self, request: ApprovalRequest) -> None:
-        await asyncio.to_thread(self.create, request)
-
-    async def aget(self, request_id: str, now: float) -> ApprovalRequest | None:
-        return await asyncio.to_thread(self.get, request_id, now)
-
-    async def apending(self, now: float) -> list[ApprovalRequest]:
-        return await asyncio.to_thread(self.pending, now)
-
-    async def aapprove(
-        self, request_id: str, by: str, now: float, note: str = ""
-    ) -> ApprovalRequest:
-        return await asyncio.to_thread(self.approve, request_id, by, now, note)
-
-    async def adeny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return await asyncio.to_thread(self.deny, request_id, by, now, note)
-
-    async def aconsume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return await asyncio.to_thread(self.consume, request_id, fingerprint, now)
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
 
     # --- one locked read-check-write ------------------------------------------------------
 

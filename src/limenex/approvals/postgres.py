@@ -36,7 +36,6 @@ parent). The async methods run the sync ones on a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -58,7 +57,7 @@ from limenex.approvals.request import (
     ApprovalStoreError,
     canonical_json,
 )
-from limenex.approvals.store import ApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore, decide, use
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
 
 __all__ = ["PostgresApprovalStore"]
@@ -111,7 +110,7 @@ _stores: weakref.WeakSet[PostgresApprovalStore] = weakref.WeakSet()
 _held_for_fork: list[threading.Lock] = []
 
 
-class PostgresApprovalStore(ApprovalStore):
+class PostgresApprovalStore(BlockingApprovalStore):
     """Approval requests in the ``approvals`` table of a PostgreSQL schema.
 
     ``dsn`` is a ``postgresql://`` URL or a libpq connection string; ``schema`` the state
@@ -259,29 +258,6 @@ class PostgresApprovalStore(ApprovalStore):
             idle, self._idle = self._idle, []
         for conn in idle:
             _close_quietly(conn)
-
-    async def acreate(self, request: ApprovalRequest) -> None:
-        await asyncio.to_thread(self.create, request)
-
-    async def aget(self, request_id: str, now: float) -> ApprovalRequest | None:
-        return await asyncio.to_thread(self.get, request_id, now)
-
-    async def apending(self, now: float) -> list[ApprovalRequest]:
-        return await asyncio.to_thread(self.pending, now)
-
-    async def aapprove(
-        self, request_id: str, by: str, now: float, note: str = ""
-    ) -> ApprovalRequest:
-        return await asyncio.to_thread(self.approve, request_id, by, now, note)
-
-    async def adeny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return await asyncio.to_thread(self.deny, request_id, by, now, note)
-
-    async def aconsume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return await asyncio.to_thread(self.consume, request_id, fingerprint, now)
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
 
     # --- connections and errors -----------------------------------------------------------
 

@@ -29,7 +29,6 @@ a value that does not read back as a request is a
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from limenex.approvals.request import (
     ApprovalStoreError,
     canonical_json,
 )
-from limenex.approvals.store import ApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore, decide, use
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
 
 __all__ = ["RedisApprovalStore"]
@@ -59,7 +58,7 @@ _CHUNK = 500
 """Requests read per ``MGET`` by ``pending``."""
 
 
-class RedisApprovalStore(ApprovalStore):
+class RedisApprovalStore(BlockingApprovalStore):
     """Approval requests in one Redis database, under one key prefix; see the module docstring.
 
     ``url`` is a ``redis://``, ``rediss://`` or ``unix://`` URL as redis-py reads it.
@@ -189,29 +188,6 @@ class RedisApprovalStore(ApprovalStore):
         """Close the connections; the next call opens new ones."""
         with self._errors():
             self._client.close()
-
-    async def acreate(self, request: ApprovalRequest) -> None:
-        await asyncio.to_thread(self.create, request)
-
-    async def aget(self, request_id: str, now: float) -> ApprovalRequest | None:
-        return await asyncio.to_thread(self.get, request_id, now)
-
-    async def apending(self, now: float) -> list[ApprovalRequest]:
-        return await asyncio.to_thread(self.pending, now)
-
-    async def aapprove(
-        self, request_id: str, by: str, now: float, note: str = ""
-    ) -> ApprovalRequest:
-        return await asyncio.to_thread(self.approve, request_id, by, now, note)
-
-    async def adeny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return await asyncio.to_thread(self.deny, request_id, by, now, note)
-
-    async def aconsume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return await asyncio.to_thread(self.consume, request_id, fingerprint, now)
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
 
     # --- transactions and errors ----------------------------------------------------------
 

@@ -29,7 +29,6 @@ each side reopens its own on use. The async methods run the sync ones on a worke
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -47,7 +46,7 @@ from limenex.approvals.request import (
     ApprovalStoreError,
     canonical_json,
 )
-from limenex.approvals.store import ApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore, decide, use
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
 
 __all__ = ["SQLiteApprovalStore"]
@@ -89,7 +88,7 @@ _stores: weakref.WeakSet[SQLiteApprovalStore] = weakref.WeakSet()
 _held_for_fork: list[threading.Lock] = []
 
 
-class SQLiteApprovalStore(ApprovalStore):
+class SQLiteApprovalStore(BlockingApprovalStore):
     """Approval requests in the ``approvals`` table of a Limenex SQLite state database.
 
     ``path`` is made absolute once and its folder created; ``timeout`` bounds, in seconds,
@@ -179,29 +178,6 @@ class SQLiteApprovalStore(ApprovalStore):
     def close(self) -> None:
         with self._lock:
             self._close_quietly()
-
-    async def acreate(self, request: ApprovalRequest) -> None:
-        await asyncio.to_thread(self.create, request)
-
-    async def aget(self, request_id: str, now: float) -> ApprovalRequest | None:
-        return await asyncio.to_thread(self.get, request_id, now)
-
-    async def apending(self, now: float) -> list[ApprovalRequest]:
-        return await asyncio.to_thread(self.pending, now)
-
-    async def aapprove(
-        self, request_id: str, by: str, now: float, note: str = ""
-    ) -> ApprovalRequest:
-        return await asyncio.to_thread(self.approve, request_id, by, now, note)
-
-    async def adeny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return await asyncio.to_thread(self.deny, request_id, by, now, note)
-
-    async def aconsume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return await asyncio.to_thread(self.consume, request_id, fingerprint, now)
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
 
     # --- one transaction ------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ reads the clock, so expiry is exact and testable. A request expires *at* ``expir
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import hmac
 import threading
@@ -25,7 +26,7 @@ from limenex.approvals.request import (
     refused,
 )
 
-__all__ = ["ApprovalStore", "InMemoryApprovalStore", "decide", "use"]
+__all__ = ["ApprovalStore", "BlockingApprovalStore", "InMemoryApprovalStore", "decide", "use"]
 
 
 def decide(
@@ -143,6 +144,37 @@ class ApprovalStore(abc.ABC):
     async def aclose(self) -> None:
         """:meth:`close`, awaitable."""
         self.close()
+
+
+class BlockingApprovalStore(ApprovalStore):
+    """An approval store whose methods block on I/O: the coroutines run them on a thread.
+
+    So an event loop never waits on a disk or a server; the sync methods stay the one
+    implementation of each step.
+    """
+
+    async def acreate(self, request: ApprovalRequest) -> None:
+        await asyncio.to_thread(self.create, request)
+
+    async def aget(self, request_id: str, now: float) -> ApprovalRequest | None:
+        return await asyncio.to_thread(self.get, request_id, now)
+
+    async def apending(self, now: float) -> list[ApprovalRequest]:
+        return await asyncio.to_thread(self.pending, now)
+
+    async def aapprove(
+        self, request_id: str, by: str, now: float, note: str = ""
+    ) -> ApprovalRequest:
+        return await asyncio.to_thread(self.approve, request_id, by, now, note)
+
+    async def adeny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
+        return await asyncio.to_thread(self.deny, request_id, by, now, note)
+
+    async def aconsume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
+        return await asyncio.to_thread(self.consume, request_id, fingerprint, now)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
 
 
 class InMemoryApprovalStore(ApprovalStore):
