@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from limenex.approvals.request import ApprovalRequest, ApprovalStatus, ApprovalStoreError
-from limenex.approvals.store import BlockingApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore
 from limenex.core.errors import CorruptStateError, StateStoreError
 from limenex.core.stores import _Corrupt, _File, _no_constant, _show, _unique
 
@@ -104,19 +104,6 @@ class FileApprovalStore(BlockingApprovalStore):
             return sorted(found, key=lambda r: (r.created_at, r.id)), None
 
         return self._run(waiting, exclusive=False)
-
-    def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.APPROVED, by, now, note), request_id
-        )
-
-    def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.DENIED, by, now, note), request_id
-        )
-
-    def consume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return self._change(lambda r: use(r, request_id, fingerprint, now), request_id)
 
     def _change(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str

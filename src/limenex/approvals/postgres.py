@@ -37,7 +37,6 @@ parent). The async methods run the sync ones on a worker thread.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -52,12 +51,14 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from limenex.approvals.request import (
+    ROW_COLUMNS,
     ApprovalRequest,
     ApprovalStatus,
     ApprovalStoreError,
-    canonical_json,
+    from_row,
+    to_row,
 )
-from limenex.approvals.store import BlockingApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
 
 __all__ = ["PostgresApprovalStore"]
@@ -92,13 +93,11 @@ _SETUP = (
 )""",
     "CREATE INDEX IF NOT EXISTS approvals_waiting ON {s}.approvals (status, created_at, id)",
 )
-_COLUMNS = (
-    "id, skill_id, agent_id, params, fingerprint, policy, policy_index, reason, created_at,"
-    " expires_at, decimals, action, status, decided_by, decided_at, note, used_at"
-)
+_COLUMNS = ", ".join(ROW_COLUMNS)
 _SELECT = "SELECT " + _COLUMNS + " FROM {s}.approvals"  # noqa: S608 - fixed names
+_VALUES = ", ".join(["%s"] * len(ROW_COLUMNS))
 _INSERT = (
-    "INSERT INTO {s}.approvals (" + _COLUMNS + ") VALUES (" + ", ".join(["%s"] * 17) + ")"  # noqa: S608
+    f"INSERT INTO {{s}}.approvals ({_COLUMNS}) VALUES ({_VALUES})"  # noqa: S608 - fixed names
     " ON CONFLICT (id) DO NOTHING"
 )
 _UPDATE = (
@@ -190,7 +189,7 @@ class PostgresApprovalStore(BlockingApprovalStore):
     # --- the operations -------------------------------------------------------------------
 
     def create(self, request: ApprovalRequest) -> None:
-        row = _row(request)
+        row = to_row(request)
 
         def insert(conn: _Connection, retrying: bool) -> None:
             with conn.transaction():
@@ -219,19 +218,6 @@ class PostgresApprovalStore(BlockingApprovalStore):
             return [r for r in map(_load, rows) if r is not None]
 
         return self._call(waiting)
-
-    def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.APPROVED, by, now, note), request_id
-        )
-
-    def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.DENIED, by, now, note), request_id
-        )
-
-    def consume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return self._change(lambda r: use(r, request_id, fingerprint, now), request_id)
 
     def _change(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str
@@ -364,58 +350,14 @@ def _close_quietly(conn: _Connection) -> None:
         conn.close()
 
 
-def _row(request: ApprovalRequest) -> tuple[Any, ...]:
-    return (
-        request.id,
-        request.skill_id,
-        request.agent_id,
-        canonical_json(request.params),
-        request.fingerprint,
-        None if request.policy is None else canonical_json(request.policy),
-        request.policy_index,
-        request.reason,
-        request.created_at,
-        request.expires_at,
-        canonical_json([list(path) for path in request.decimals]),
-        request.action,
-        request.status.value,
-        request.decided_by,
-        request.decided_at,
-        request.note,
-        request.used_at,
-    )
-
-
 def _load(row: tuple[Any, ...] | None) -> ApprovalRequest | None:
     if row is None:
         return None
-    (rid, skill, agent, params, fp, policy, index, reason, created, expires, decimals,
-     action, status, by, at, note, used) = row  # fmt: skip
     try:
-        return ApprovalRequest.from_dict(
-            {
-                "id": rid,
-                "skill_id": skill,
-                "agent_id": agent,
-                "params": json.loads(params),
-                "fingerprint": fp,
-                "policy": None if policy is None else json.loads(policy),
-                "policy_index": index,
-                "reason": reason,
-                "created_at": created,
-                "expires_at": expires,
-                "decimals": json.loads(decimals),
-                "action": action,
-                "status": status,
-                "decided_by": by,
-                "decided_at": at,
-                "note": note,
-                "used_at": used,
-            }
-        )
+        return from_row(row)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CorruptStateError(
-            f"approval request {rid!r} cannot be read from its row ({type(exc).__name__}:"
+            f"approval request {row[0]!r} cannot be read from its row ({type(exc).__name__}:"
             f" {exc}). The row was left as found: fix or delete it."
         ) from None
 

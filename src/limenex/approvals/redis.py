@@ -46,7 +46,7 @@ from limenex.approvals.request import (
     ApprovalStoreError,
     canonical_json,
 )
-from limenex.approvals.store import BlockingApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
 
 __all__ = ["RedisApprovalStore"]
@@ -150,19 +150,6 @@ class RedisApprovalStore(BlockingApprovalStore):
                     if request is not None and request.at(now).status is ApprovalStatus.PENDING:
                         found.append(request)
         return sorted(found, key=lambda r: (r.created_at, r.id))
-
-    def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.APPROVED, by, now, note), request_id
-        )
-
-    def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.DENIED, by, now, note), request_id
-        )
-
-    def consume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return self._change(lambda r: use(r, request_id, fingerprint, now), request_id)
 
     def _change(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str

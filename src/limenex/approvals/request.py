@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from limenex.core.decision import Decision
 
 __all__ = [
+    "ROW_COLUMNS",
     "ApprovalRefused",
     "ApprovalRequest",
     "ApprovalStatus",
@@ -49,8 +50,10 @@ __all__ = [
     "decimal_paths",
     "display_json",
     "fingerprint",
+    "from_row",
     "new_request_id",
     "request_from_decision",
+    "to_row",
     "visible",
 ]
 
@@ -198,6 +201,51 @@ class ApprovalRequest:
 
 
 _LIVE = frozenset({ApprovalStatus.PENDING, ApprovalStatus.APPROVED})
+
+ROW_COLUMNS = (
+    "id",
+    "skill_id",
+    "agent_id",
+    "params",
+    "fingerprint",
+    "policy",
+    "policy_index",
+    "reason",
+    "created_at",
+    "expires_at",
+    "decimals",
+    "action",
+    "status",
+    "decided_by",
+    "decided_at",
+    "note",
+    "used_at",
+)
+"""The columns of a request in an SQL table, in order (``params``, ``policy``, ``decimals``
+as canonical JSON text)."""
+
+_JSON_COLUMNS = frozenset({"params", "policy", "decimals"})
+
+
+def to_row(request: ApprovalRequest) -> tuple[Any, ...]:
+    """``request`` as the values of :data:`ROW_COLUMNS`."""
+    data = request.to_dict()
+    return tuple(
+        canonical_json(data[name])
+        if name in _JSON_COLUMNS and data[name] is not None
+        else data[name]
+        for name in ROW_COLUMNS
+    )
+
+
+def from_row(row: tuple[Any, ...]) -> ApprovalRequest:
+    """The request a row of :data:`ROW_COLUMNS` holds; ``ValueError``/``KeyError``/``TypeError``
+    when it is malformed."""
+    data = dict(zip(ROW_COLUMNS, row, strict=True))
+    for name in _JSON_COLUMNS:
+        if data[name] is not None:
+            data[name] = json.loads(data[name])
+    return ApprovalRequest.from_dict(data)
 
 
 def _paths(value: Any) -> tuple[tuple[str | int, ...], ...]:

@@ -30,23 +30,24 @@ each side reopens its own on use. The async methods run the sync ones on a worke
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sqlite3
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from limenex.approvals.request import (
+    ROW_COLUMNS,
     ApprovalRefused,
     ApprovalRequest,
     ApprovalStatus,
     ApprovalStoreError,
-    canonical_json,
+    from_row,
+    to_row,
 )
-from limenex.approvals.store import BlockingApprovalStore, decide, use
+from limenex.approvals.store import BlockingApprovalStore
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
 
 __all__ = ["SQLiteApprovalStore"]
@@ -73,12 +74,10 @@ _TABLE = """CREATE TABLE IF NOT EXISTS approvals (
     used_at REAL
 ) WITHOUT ROWID"""
 _INDEX = "CREATE INDEX IF NOT EXISTS approvals_waiting ON approvals (status, created_at, id)"
-_COLUMNS = (
-    "id, skill_id, agent_id, params, fingerprint, policy, policy_index, reason, created_at,"
-    " expires_at, decimals, action, status, decided_by, decided_at, note, used_at"
-)
+_COLUMNS = ", ".join(ROW_COLUMNS)
 _SELECT = f"SELECT {_COLUMNS} FROM approvals"  # noqa: S608 - fixed column names
-_INSERT = f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
+_VALUES = ", ".join("?" * len(ROW_COLUMNS))
+_INSERT = f"INSERT INTO approvals ({_COLUMNS}) VALUES ({_VALUES})"  # noqa: S608 - fixed names
 _UPDATE = (
     "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ?, used_at = ?"
     " WHERE id = ?"
@@ -117,7 +116,7 @@ class SQLiteApprovalStore(BlockingApprovalStore):
     # --- the operations -------------------------------------------------------------------
 
     def create(self, request: ApprovalRequest) -> None:
-        row = _row(request)
+        row = to_row(request)
 
         def insert(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM approvals WHERE id = ?", (request.id,)).fetchone():
@@ -136,22 +135,9 @@ class SQLiteApprovalStore(BlockingApprovalStore):
                 f"{_SELECT} WHERE status = ? AND expires_at > ? ORDER BY created_at, id",
                 (ApprovalStatus.PENDING.value, now),
             ).fetchall()
-            return [_request(row) for row in rows]
+            return [from_row(row) for row in rows]
 
         return self._transact(waiting, write=False)
-
-    def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.APPROVED, by, now, note), request_id
-        )
-
-    def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._change(
-            lambda r: decide(r, request_id, ApprovalStatus.DENIED, by, now, note), request_id
-        )
-
-    def consume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        return self._change(lambda r: use(r, request_id, fingerprint, now), request_id)
 
     def _change(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str
@@ -296,76 +282,11 @@ def _inspect(path: str, timeout: float) -> tuple[int, int, frozenset[str]]:
         conn.close()
 
 
-def _row(request: ApprovalRequest) -> tuple[Any, ...]:
-    return (
-        request.id,
-        request.skill_id,
-        request.agent_id,
-        canonical_json(request.params),
-        request.fingerprint,
-        None if request.policy is None else canonical_json(request.policy),
-        request.policy_index,
-        request.reason,
-        request.created_at,
-        request.expires_at,
-        canonical_json([list(path) for path in request.decimals]),
-        request.action,
-        request.status.value,
-        request.decided_by,
-        request.decided_at,
-        request.note,
-        request.used_at,
-    )
-
-
 def _load(conn: sqlite3.Connection, request_id: str) -> ApprovalRequest | None:
     if not isinstance(request_id, str):
         return None
     row = conn.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchone()
-    return None if row is None else _request(row)
-
-
-def _request(row: tuple[Any, ...]) -> ApprovalRequest:
-    (
-        rid,
-        skill,
-        agent,
-        params,
-        fp,
-        policy,
-        index,
-        reason,
-        created,
-        expires,
-        decimals,
-        action,
-        status,
-        by,
-        at,
-        note,
-        used,
-    ) = row
-    return ApprovalRequest.from_dict(
-        {
-            "id": rid,
-            "skill_id": skill,
-            "agent_id": agent,
-            "params": json.loads(params),
-            "fingerprint": fp,
-            "policy": None if policy is None else json.loads(policy),
-            "policy_index": index,
-            "reason": reason,
-            "created_at": created,
-            "expires_at": expires,
-            "decimals": json.loads(decimals),
-            "action": action,
-            "status": status,
-            "decided_by": by,
-            "decided_at": at,
-            "note": note,
-            "used_at": used,
-        }
-    )
+    return None if row is None else from_row(row)
 
 
 def _before_fork() -> None:

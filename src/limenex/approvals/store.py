@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import hmac
 import threading
+from collections.abc import Callable
 
 from limenex.approvals.request import (
     ApprovalRefused,
@@ -25,6 +26,9 @@ from limenex.approvals.request import (
     ApprovalStoreError,
     refused,
 )
+
+Step = Callable[[ApprovalRequest | None], ApprovalRequest]
+"""A transition: the request as kept (``None`` if unknown) -> the request to keep."""
 
 __all__ = ["ApprovalStore", "BlockingApprovalStore", "InMemoryApprovalStore", "decide", "use"]
 
@@ -96,21 +100,30 @@ class ApprovalStore(abc.ABC):
     def pending(self, now: float) -> list[ApprovalRequest]:
         """The requests still waiting for a human at ``now``, oldest first."""
 
-    @abc.abstractmethod
     def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
         """Approve a pending request; the approved request. Any other status is refused."""
+        return self._change(
+            lambda r: decide(r, request_id, ApprovalStatus.APPROVED, by, now, note), request_id
+        )
 
-    @abc.abstractmethod
     def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
         """Deny a pending request; the denied request. Any other status is refused."""
+        return self._change(
+            lambda r: decide(r, request_id, ApprovalStatus.DENIED, by, now, note), request_id
+        )
 
-    @abc.abstractmethod
     def consume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
         """Turn one approved, unexpired request with ``fingerprint`` into used; return it.
 
         Exactly once: of any number of concurrent calls, one returns and the others are
         refused (``why == "used"``).
         """
+        return self._change(lambda r: use(r, request_id, fingerprint, now), request_id)
+
+    @abc.abstractmethod
+    def _change(self, step: Step, request_id: str) -> ApprovalRequest:
+        """One atomic step: read the request (``None`` if unknown), apply ``step``, keep and
+        return its result. ``step`` raises to refuse, and then nothing is written."""
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release the store's resources; it may be used again afterwards (reopened)."""
@@ -213,22 +226,8 @@ class InMemoryApprovalStore(ApprovalStore):
         waiting = [r for r in requests if r.at(now).status is ApprovalStatus.PENDING]
         return sorted(waiting, key=lambda r: (r.created_at, r.id))
 
-    def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._decide(request_id, ApprovalStatus.APPROVED, by, now, note)
-
-    def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
-        return self._decide(request_id, ApprovalStatus.DENIED, by, now, note)
-
-    def _decide(
-        self, request_id: str, status: ApprovalStatus, by: str, now: float, note: str
-    ) -> ApprovalRequest:
+    def _change(self, step: Step, request_id: str) -> ApprovalRequest:
         with self._lock:
-            done = decide(self._load(request_id), request_id, status, by, now, note)
-            self._rows[request_id] = done.to_dict()
-            return done
-
-    def consume(self, request_id: str, fingerprint: str, now: float) -> ApprovalRequest:
-        with self._lock:
-            done = use(self._load(request_id), request_id, fingerprint, now)
+            done = step(self._load(request_id))
             self._rows[request_id] = done.to_dict()
             return done
