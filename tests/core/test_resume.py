@@ -351,13 +351,7 @@ async def test_an_approval_store_failure_blocks_the_escalation(
         def pending(self, now: float) -> list[ApprovalRequest]:
             raise ApprovalStoreError("approval database unreachable")
 
-        def approve(self, request_id: str, by: str, now: float, note: str = "") -> Any:
-            raise ApprovalStoreError("approval database unreachable")
-
-        def deny(self, request_id: str, by: str, now: float, note: str = "") -> Any:
-            raise ApprovalStoreError("approval database unreachable")
-
-        def consume(self, request_id: str, fingerprint: str, now: float) -> Any:
+        def transition(self, step: Any, request_id: str) -> ApprovalRequest:
             raise ApprovalStoreError("approval database unreachable")
 
     engine = make_engine(ESCALATE_OVER_20_BLOCK_AT_100, approval_store=Broken())

@@ -105,7 +105,7 @@ class FileApprovalStore(BlockingApprovalStore):
 
         return self._run(waiting, exclusive=False)
 
-    def _change(
+    def transition(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str
     ) -> ApprovalRequest:
         """Read the request, apply ``step`` and write the result back, under the locks."""

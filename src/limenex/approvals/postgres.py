@@ -219,7 +219,7 @@ class PostgresApprovalStore(BlockingApprovalStore):
 
         return self._call(waiting)
 
-    def _change(
+    def transition(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str
     ) -> ApprovalRequest:
         """Lock the request's row, apply ``step`` and write the result back: one transaction."""

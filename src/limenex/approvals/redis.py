@@ -151,7 +151,7 @@ class RedisApprovalStore(BlockingApprovalStore):
                         found.append(request)
         return sorted(found, key=lambda r: (r.created_at, r.id))
 
-    def _change(
+    def transition(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str
     ) -> ApprovalRequest:
         """Watch the request, apply ``step`` and write the result back: one transaction."""

@@ -139,7 +139,7 @@ class SQLiteApprovalStore(BlockingApprovalStore):
 
         return self._transact(waiting, write=False)
 
-    def _change(
+    def transition(
         self, step: Callable[[ApprovalRequest | None], ApprovalRequest], request_id: str
     ) -> ApprovalRequest:
         """Read the request, apply ``step`` and write the result back: one write transaction."""

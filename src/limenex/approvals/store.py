@@ -102,13 +102,13 @@ class ApprovalStore(abc.ABC):
 
     def approve(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
         """Approve a pending request; the approved request. Any other status is refused."""
-        return self._change(
+        return self.transition(
             lambda r: decide(r, request_id, ApprovalStatus.APPROVED, by, now, note), request_id
         )
 
     def deny(self, request_id: str, by: str, now: float, note: str = "") -> ApprovalRequest:
         """Deny a pending request; the denied request. Any other status is refused."""
-        return self._change(
+        return self.transition(
             lambda r: decide(r, request_id, ApprovalStatus.DENIED, by, now, note), request_id
         )
 
@@ -118,12 +118,16 @@ class ApprovalStore(abc.ABC):
         Exactly once: of any number of concurrent calls, one returns and the others are
         refused (``why == "used"``).
         """
-        return self._change(lambda r: use(r, request_id, fingerprint, now), request_id)
+        return self.transition(lambda r: use(r, request_id, fingerprint, now), request_id)
 
     @abc.abstractmethod
-    def _change(self, step: Step, request_id: str) -> ApprovalRequest:
+    def transition(self, step: Step, request_id: str) -> ApprovalRequest:
         """One atomic step: read the request (``None`` if unknown), apply ``step``, keep and
-        return its result. ``step`` raises to refuse, and then nothing is written."""
+        return its result. ``step`` raises to refuse, and then nothing is written.
+
+        What a backend implements for :meth:`approve`, :meth:`deny` and :meth:`consume`:
+        atomic across threads and processes (a lock, a transaction, a WATCH).
+        """
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release the store's resources; it may be used again afterwards (reopened)."""
@@ -226,7 +230,7 @@ class InMemoryApprovalStore(ApprovalStore):
         waiting = [r for r in requests if r.at(now).status is ApprovalStatus.PENDING]
         return sorted(waiting, key=lambda r: (r.created_at, r.id))
 
-    def _change(self, step: Step, request_id: str) -> ApprovalRequest:
+    def transition(self, step: Step, request_id: str) -> ApprovalRequest:
         with self._lock:
             done = step(self._load(request_id))
             self._rows[request_id] = done.to_dict()
