@@ -28,7 +28,6 @@ A forked child opens its own lock file on first use: it never shares its parent'
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -40,7 +39,7 @@ from typing import Any, TypeVar
 from limenex.approvals.request import ApprovalRequest, ApprovalStatus, ApprovalStoreError
 from limenex.approvals.store import BlockingApprovalStore
 from limenex.core.errors import CorruptStateError, StateStoreError
-from limenex.core.stores import _Corrupt, _File, _no_constant, _show, _unique
+from limenex.core.stores import LockFile, _Corrupt, _File, _no_constant, _show, _unique
 
 try:
     import fcntl
@@ -66,12 +65,9 @@ class FileApprovalStore(BlockingApprovalStore):
             raise ApprovalStoreError("FileApprovalStore needs POSIX file locks (fcntl.flock)")
         # Absolute once: a later chdir must not point the store at another folder's file.
         self.path = os.path.abspath(os.fspath(path))
-        self._folder = os.path.dirname(self.path)
         self._file = _File(self.path)
-        self._lock_path = self.path + ".lock"
+        self._lock_file = LockFile(self.path + ".lock", ApprovalStoreError)
         self._lock = threading.Lock()
-        self._lock_fd: int | None = None
-        self._pid = 0  # the process that opened the lock file (a fork needs its own)
         self._rows: _Rows = {}  # the requests of the bytes ``self._file.seen``
         _stores.add(self)
 
@@ -118,10 +114,7 @@ class FileApprovalStore(BlockingApprovalStore):
 
     def close(self) -> None:
         with self._lock:
-            self._close_lock_file()
-
-    def __del__(self) -> None:  # a store dropped without close() must not leak a descriptor
-        self._close_lock_file()
+            self._lock_file.close()
 
     # --- one locked read-check-write ------------------------------------------------------
 
@@ -129,12 +122,7 @@ class FileApprovalStore(BlockingApprovalStore):
         self, operation: Callable[[_Rows], tuple[_T, _Rows | None]], *, exclusive: bool = True
     ) -> _T:
         """``operation(rows)`` on the file's current requests; write back the rows it returns."""
-        with self._lock:
-            lock_fd = self._lock_file()
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            except OSError as exc:
-                raise ApprovalStoreError(f"cannot lock {self._lock_path}: {exc}") from exc
+        with self._lock, self._lock_file.held(exclusive=exclusive):
             try:
                 rows = self._load()
                 result, changed = operation(rows)
@@ -144,8 +132,6 @@ class FileApprovalStore(BlockingApprovalStore):
             except BaseException:
                 self._file.synced = False  # the file may be ahead of the rows: re-read it
                 raise
-            finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def _load(self) -> _Rows:
         try:
@@ -167,27 +153,6 @@ class FileApprovalStore(BlockingApprovalStore):
         except StateStoreError as exc:
             raise ApprovalStoreError(str(exc)) from exc
         self._rows = rows
-
-    def _lock_file(self) -> int:
-        pid = os.getpid()
-        if self._lock_fd is None or self._pid != pid:
-            if self._lock_fd is not None:  # inherited from the parent: its own lock, not ours
-                inherited, self._lock_fd = self._lock_fd, None
-                with contextlib.suppress(OSError):
-                    os.close(inherited)
-            try:
-                os.makedirs(self._folder, exist_ok=True)
-                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-                self._lock_fd = os.open(self._lock_path, flags, 0o666)
-            except OSError as exc:
-                raise ApprovalStoreError(f"cannot open {self._lock_path}: {exc}") from exc
-            self._pid = pid
-        return self._lock_fd
-
-    def _close_lock_file(self) -> None:
-        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
-        if fd is not None and self._pid == os.getpid():  # a fork's copy is the parent's
-            os.close(fd)
 
 
 def _load(rows: _Rows, request_id: str) -> ApprovalRequest | None:

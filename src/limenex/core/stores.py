@@ -775,6 +775,58 @@ class InMemoryStateStore(StateStore):
             self._leave()
 
 
+class LockFile:
+    """The lock file beside a file store's data: ``flock`` on it serialises every process.
+
+    It is opened once per process: a child after a ``fork`` opens its own (the inherited
+    descriptor shares the parent's lock), and the inherited one is closed. ``error`` is the
+    exception class its failures raise. Callers hold their own thread lock around it.
+    """
+
+    def __init__(self, path: str, error: type[StateStoreError]) -> None:
+        self.path = path
+        self.error = error
+        self._fd: int | None = None
+        self._pid = 0  # the process that opened it
+
+    @contextlib.contextmanager
+    def held(self, *, exclusive: bool = True) -> Iterator[bool]:
+        """Hold the lock (shared when not ``exclusive``); yields whether it was just opened."""
+        fd, opened = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as exc:
+            raise self.error(f"cannot lock {self.path}: {exc}") from exc
+        try:
+            yield opened
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open(self) -> tuple[int, bool]:
+        pid = os.getpid()
+        if self._fd is not None and self._pid == pid:
+            return self._fd, False
+        if self._fd is not None:  # inherited from the parent: its own lock, not ours
+            inherited, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(inherited)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise self.error(f"cannot open {self.path}: {exc}") from exc
+        self._pid = pid
+        return self._fd, True
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self._pid == os.getpid():  # a fork's copy is the parent's
+            os.close(fd)
+
+    def __del__(self) -> None:  # a store dropped without close() must not leak a descriptor
+        self.close()
+
+
 class LocalFileStateStore(StateStore):
     """Totals in one JSON file, safe across threads and processes of one host.
 
@@ -798,10 +850,8 @@ class LocalFileStateStore(StateStore):
         self._folder = os.path.dirname(self.path)
         self._totals = _File(self.path)
         self._sidecar = _File(self.path + SIDECAR)
-        self._lock_path = self.path + ".lock"
         self._lock = threading.Lock()
-        self._lock_fd: int | None = None
-        self._pid = 0  # the process that opened the lock file (a fork needs its own)
+        self._lock_file = LockFile(self.path + ".lock", StateStoreError)
         self._owner = ""
         self._ledger = Ledger(track=True)
         self._encoder = _Encoder()
@@ -854,15 +904,7 @@ class LocalFileStateStore(StateStore):
 
     def close(self) -> None:
         with self._lock:
-            self._close_lock_file()
-
-    def __del__(self) -> None:  # a store dropped without close() must not leak a descriptor
-        self._close_lock_file()
-
-    def _close_lock_file(self) -> None:
-        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
-        if fd is not None and self._pid == os.getpid():  # a fork's copy is the parent's
-            os.close(fd)
+            self._lock_file.close()
 
     async def areserve(self, checks: Sequence[Check], now: float) -> Reservation | StateBreach:
         outcome: Reservation | StateBreach = await run_blocking(self.reserve, checks, now)
@@ -887,12 +929,9 @@ class LocalFileStateStore(StateStore):
         exclusive: bool = True,
     ) -> _T:
         """Run ``operation`` on the files' current state; write back the files it changed."""
-        with self._lock:
-            lock_fd = self._lock_file()
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            except OSError as exc:
-                raise StateStoreError(f"cannot lock {self._lock_path}: {exc}") from exc
+        with self._lock, self._lock_file.held(exclusive=exclusive) as opened:
+            if opened:  # first use in this process: reservations it makes are its own
+                self._owner = _owner()
             try:
                 ledger = self._load()
                 result, changed = operation(ledger)
@@ -903,24 +942,6 @@ class LocalFileStateStore(StateStore):
                 # The ledger may be ahead of the files: re-read both.
                 self._totals.synced = self._sidecar.synced = False
                 raise
-            finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-
-    def _lock_file(self) -> int:
-        pid = os.getpid()
-        if self._lock_fd is None or self._pid != pid:
-            if self._lock_fd is not None:  # inherited from the parent: its own lock, not ours
-                inherited, self._lock_fd = self._lock_fd, None
-                with contextlib.suppress(OSError):
-                    os.close(inherited)
-            try:
-                os.makedirs(self._folder, exist_ok=True)
-                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-                self._lock_fd = os.open(self._lock_path, flags, 0o666)
-            except OSError as exc:
-                raise StateStoreError(f"cannot open {self._lock_path}: {exc}") from exc
-            self._pid, self._owner = pid, _owner()
-        return self._lock_fd
 
     def _save(self, ledger: Ledger, files: tuple[_File, ...]) -> None:
         """Write ``files`` in this order, each one only if its content changed.
