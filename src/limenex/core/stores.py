@@ -847,7 +847,6 @@ class LocalFileStateStore(StateStore):
         # Absolute once: a later chdir must not point the store at another folder's file.
         self.path = os.path.abspath(os.fspath(path))
         self.lease_seconds = _lease(lease_seconds)
-        self._folder = os.path.dirname(self.path)
         self._totals = _File(self.path)
         self._sidecar = _File(self.path + SIDECAR)
         self._lock = threading.Lock()
