@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -1032,3 +1033,27 @@ def test_the_status_machine_never_goes_back(
                 assert consumed[n] == 0
     finally:
         store.close()
+
+
+def test_an_approvals_table_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    SQLiteStateStore(path).close()  # a state database, as the engine makes it
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute(
+            "CREATE TABLE approvals (id TEXT PRIMARY KEY, skill_id TEXT NOT NULL, agent_id TEXT"
+            " NOT NULL, params TEXT NOT NULL, fingerprint TEXT NOT NULL, policy TEXT,"
+            " policy_index INTEGER, reason TEXT NOT NULL, created_at REAL NOT NULL, expires_at"
+            " REAL NOT NULL, status TEXT NOT NULL, decided_by TEXT, decided_at REAL, note TEXT"
+            " NOT NULL, used_at REAL) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO approvals VALUES ('old-1', 'finance.spend', 'agent-1', '{\"a\":1}',"
+            " 'f', NULL, 0, 'why', 1.0, 9e9, 'pending', NULL, NULL, '', NULL)"
+        )
+    store = SQLiteApprovalStore(path)
+    kept = store.get("old-1", 2.0)
+    assert kept is not None
+    assert (kept.decimals, kept.action, kept.params) == ((), "", {"a": 1})
+    store.create(new_request())  # the new columns are written too
+    assert len(store.pending(T0)) == 2
+    store.close()

@@ -257,10 +257,12 @@ class SQLiteApprovalStore(BlockingApprovalStore):
                     f"SQLite database {self.path}: cannot use write-ahead logging"
                     f" (journal mode stays {mode!r})"
                 )
-            if "approvals" not in tables:
+            if "approvals" not in tables or _missing_columns(conn):
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute(_TABLE)
                 conn.execute(_INDEX)
+                for column in _missing_columns(conn):  # a table from an earlier version
+                    conn.execute(f"ALTER TABLE approvals ADD COLUMN {_ADDED[column]}")
                 conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -268,6 +270,18 @@ class SQLiteApprovalStore(BlockingApprovalStore):
             raise
         self._conn = conn
         return conn
+
+
+_ADDED = {
+    "decimals": "decimals TEXT NOT NULL DEFAULT '[]'",
+    "action": "action TEXT NOT NULL DEFAULT ''",
+}
+"""Columns added since the table was first made, with the value older requests have."""
+
+
+def _missing_columns(conn: sqlite3.Connection) -> list[str]:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(approvals)")}
+    return [] if not present else [name for name in _ADDED if name not in present]
 
 
 def _inspect(path: str, timeout: float) -> tuple[int, int, frozenset[str]]:
