@@ -134,3 +134,15 @@ def test_the_engines_own_files_are_never_changed_by_a_governed_call(tmp_path: Pa
     engine.close()
     events = [line for line in (folder / "audit.log").read_text().splitlines()]
     assert sum('"event":"blocked"' in line for line in events) == len(attempts)
+
+
+def test_an_extended_parent_policy_file_is_protected_too(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    parent = tmp_path / "base" / "base.yaml"
+    parent.write_text("filesystem.write:\n  policies: []\n")
+    (tmp_path / "policies.yaml").write_text("_extends: base/base.yaml\n")
+    engine = PolicyEngine(tmp_path / "policies.yaml", "memory://", audit_logger=False)
+    assert str(parent.resolve()) in engine.own_files()
+    with pytest.raises(BlockedError, match="files this engine is governed by"):
+        make_write(engine)(agent_id="a", filepath=parent, content="filesystem.write: {}")
+    assert parent.read_text() == "filesystem.write:\n  policies: []\n"

@@ -490,9 +490,10 @@ class PolicyEngine:
         the siblings a store keeps beside each (``state.db-wal``, ``state.json.pending``).
         """
         found: list[str] = []
-        policy_set = getattr(self.policy_store, "policy_set", None)
-        sources = getattr(policy_set() if callable(policy_set) else None, "sources", ())
-        found.extend(str(source) for source in sources)
+        policy_set = getattr(self.policy_store, "policy_set", None)  # a property or a method
+        if callable(policy_set):
+            policy_set = policy_set()
+        found.extend(str(source) for source in getattr(policy_set, "sources", ()))
         found.append(str(getattr(self.policy_store, "path", "") or ""))
         for store in (self.state_store, self._approval_store):
             found.append(str(getattr(store, "path", "") or ""))
