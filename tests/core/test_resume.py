@@ -21,7 +21,7 @@ from limenex.approvals import ApprovalRefused, ApprovalStatus, ApprovalStore, Ap
 from limenex.approvals.request import ApprovalRequest
 from limenex.audit import AuditLog, JsonlSink, verify
 from limenex.core.engine import BlockedError, EscalationRequired, PolicyEngine
-from limenex.core.errors import InvalidArgumentError
+from limenex.core.errors import InvalidArgumentError, LimenexConfigError
 from limenex.core.state import CounterKey, StateStore
 from limenex.skills.finance import make_spend
 from limenex.testing import FrozenClock
@@ -616,3 +616,40 @@ async def test_an_approved_cumulative_limit_counts_the_amount_past_it(
     assert total(state_store, "spend_usd") == 30  # past the limit the human waived, once
     await escalate(spend, 1)  # the next call is over the limit again: a human again
     assert len(ledger.calls) == 1
+
+
+def test_closures_of_one_factory_need_their_own_names(make_engine: MakeEngine) -> None:
+    engine = make_engine(
+        """
+        payments:
+          policies:
+            - type: deterministic
+              dimension: amount
+              param: amount
+              operator: lte
+              value: 100
+              stateful: false
+              breach_verdict: ESCALATE
+        """
+    )
+    sent: list[str] = []
+
+    def make_sender(account: str) -> Callable[..., str]:
+        def send(amount: int, agent_id: str) -> str:
+            sent.append(f"{amount} from {account}")
+            return account
+
+        return send
+
+    petty = engine.governed("payments", name="send:petty-cash")(make_sender("petty-cash"))
+    engine.governed("payments")(make_sender("treasury"))  # the default name: module.qualname
+    with pytest.raises(LimenexConfigError, match="already names another executor"):
+        engine.governed("payments")(make_sender("mallory"))  # same qualname, another closure
+    engine.governed("payments", name="send:treasury")(make_sender("treasury"))
+    with pytest.raises(EscalationRequired) as paused:
+        petty(500, agent_id="agent-1")
+    request_id = paused.value.request_id
+    assert request_id is not None
+    engine.approvals.approve_sync(request_id, approver="ops")
+    assert engine.resume_sync(request_id) == "petty-cash"
+    assert sent == ["500 from petty-cash"]

@@ -185,6 +185,7 @@ class PolicyEngine:
         self.on_escalation = on_escalation
         self._approvals: Approvals | None = None
         self._actions: dict[tuple[str, str], ActionBuilder] = {}
+        self._executors: dict[tuple[str, str], Callable[..., Any]] = {}
         self.clock: Clock = clock or SystemClock()
         self.semantic_timeout = float(semantic_timeout)
         self._compiled: dict[str, CompiledSkill] = {}
@@ -423,12 +424,17 @@ class PolicyEngine:
         return result
 
     def governed(
-        self, skill_id: str, agent_id_param: str = "agent_id"
+        self, skill_id: str, agent_id_param: str = "agent_id", *, name: str | None = None
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorate any sync or async function: it becomes the skill's executor.
 
         The function's arguments (bound to its signature, defaults applied) are the
         call's params; ``agent_id_param`` names the one that identifies the agent.
+
+        ``name`` names the function in its approval requests (by default its module and
+        qualified name), so that :meth:`resume` runs this function and no other. Two
+        different callables under one skill and one name (closures of one factory,
+        instances of one class, lambdas, partials) are refused: give each its ``name``.
         """
 
         def decorate(fn: Callable[P, R]) -> Callable[P, R]:
@@ -441,8 +447,8 @@ class PolicyEngine:
             self._check_signature(skill_id, fn, signature)
 
             bind = _binder(skill_id, signature, agent_id_param)
-            name = _action_name(fn)
-            self.register_action(skill_id, _rebuilder(fn, signature), name=name)
+            action_name = _action_name(fn) if name is None else name
+            self.register_action(skill_id, _rebuilder(fn, signature), name=action_name, executor=fn)
 
             if _is_async_callable(fn):
 
@@ -450,7 +456,11 @@ class PolicyEngine:
                 async def governed_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                     agent_id, params = bind(args, kwargs)
                     return await self.execute(
-                        skill_id, agent_id, params, lambda: fn(*args, **kwargs), action_name=name
+                        skill_id,
+                        agent_id,
+                        params,
+                        lambda: fn(*args, **kwargs),
+                        action_name=action_name,
                     )
 
                 return cast(Callable[P, R], governed_async)
@@ -461,7 +471,11 @@ class PolicyEngine:
                 return cast(
                     R,
                     self.execute_sync(
-                        skill_id, agent_id, params, lambda: fn(*args, **kwargs), action_name=name
+                        skill_id,
+                        agent_id,
+                        params,
+                        lambda: fn(*args, **kwargs),
+                        action_name=action_name,
                     ),
                 )
 
@@ -469,7 +483,14 @@ class PolicyEngine:
 
         return decorate
 
-    def register_action(self, skill_id: str, build: ActionBuilder, *, name: str = "") -> None:
+    def register_action(
+        self,
+        skill_id: str,
+        build: ActionBuilder,
+        *,
+        name: str = "",
+        executor: Callable[..., Any] | None = None,
+    ) -> None:
         """How :meth:`resume` performs ``skill_id``'s action: ``build(params)`` -> action.
 
         ``name`` is the ``action_name`` the calls pass to :meth:`execute`: a request is resumed
@@ -477,11 +498,22 @@ class PolicyEngine:
         as one skill never stand in for each other. The built-in skills (whose registry key is
         in the params) register under ``""``; :meth:`governed` under the function's module and
         qualified name. A skill made again (in a new process, after a restart) registers
-        again; the last one made is used.
+        again; the last one made is used. ``executor``, when given, is the one callable the
+        builder calls: another callable under the same skill and name is refused, since a
+        resume could not tell them apart.
         """
         if not callable(build):
             raise LimenexConfigError(f"{skill_id}: the action builder must be callable")
+        known = self._executors.get((skill_id, name))
+        if executor is not None and known is not None and known is not executor:
+            raise LimenexConfigError(
+                f"{skill_id}: {name!r} already names another executor of this skill on this "
+                "engine, and an approved request must resume exactly the function it was "
+                "made by; give each its own name (engine.governed(skill_id, name=...))"
+            )
         self._actions[(skill_id, name)] = build
+        if executor is not None:
+            self._executors[(skill_id, name)] = executor
 
     def own_files(self) -> tuple[str, ...]:
         """The files this engine depends on: its policy files, state, approvals, audit log.
@@ -577,7 +609,12 @@ class PolicyEngine:
         try:
             request, params, action = self._resumable(request_id, found)
             return await self.execute(
-                request.skill_id, request.agent_id, params, action, _approval=request
+                request.skill_id,
+                request.agent_id,
+                params,
+                action,
+                action_name=request.action,
+                _approval=request,
             )
         except ApprovalRefused as refusal:
             self._refused_resume(found, refusal)
@@ -589,7 +626,12 @@ class PolicyEngine:
         try:
             request, params, action = self._resumable(request_id, found)
             return self.execute_sync(
-                request.skill_id, request.agent_id, params, action, _approval=request
+                request.skill_id,
+                request.agent_id,
+                params,
+                action,
+                action_name=request.action,
+                _approval=request,
             )
         except ApprovalRefused as refusal:
             self._refused_resume(found, refusal)
