@@ -1057,3 +1057,36 @@ def test_an_approvals_table_from_an_earlier_version_gains_the_new_columns(tmp_pa
     store.create(new_request())  # the new columns are written too
     assert len(store.pending(T0)) == 2
     store.close()
+
+
+def test_a_postgres_approvals_table_from_an_earlier_version_gains_the_new_columns() -> None:
+    import psycopg
+    from psycopg import sql
+
+    schema = f"{servers.RUN}_old_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(servers.POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {}.approvals (id text PRIMARY KEY, skill_id text NOT NULL,"
+                " agent_id text NOT NULL, params text NOT NULL, fingerprint text NOT NULL,"
+                " policy text, policy_index bigint, reason text NOT NULL, created_at float8"
+                " NOT NULL, expires_at float8 NOT NULL, status text NOT NULL, decided_by text,"
+                " decided_at float8, note text NOT NULL, used_at float8)"
+            ).format(sql.Identifier(schema))
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.approvals VALUES ('old-1', 'finance.spend', 'agent-1',"
+                " '{{\"a\":1}}', 'f', NULL, 0, 'why', 1.0, 9e9, 'pending', NULL, NULL, '', NULL)"
+            ).format(sql.Identifier(schema))
+        )
+    store = PostgresApprovalStore(servers.POSTGRES_URL, schema=schema)
+    try:
+        kept = store.get("old-1", 2.0)
+        assert kept is not None
+        assert (kept.decimals, kept.action, kept.waived, kept.params) == ((), "", (), {"a": 1})
+        store.create(new_request())
+        assert len(store.pending(T0)) == 2
+    finally:
+        store.close()

@@ -535,11 +535,39 @@ async def test_only_the_approved_escalate_policy_is_waived(
     with pytest.raises(EscalationRequired) as again:
         await engine.resume(request_id)
     assert again.value.decision.policy_index == 1  # the service asks a human too, separately
-    assert again.value.request_id not in (None, request_id)
+    second = again.value.request_id
+    assert second not in (None, request_id)
     assert ledger.calls == []
-    kept = await engine.approvals.get(request_id)
+    # The first approval is carried into the second request: it waives both policies.
+    first_now = await engine.approvals.get(request_id)
+    assert first_now is not None
+    assert first_now.status is ApprovalStatus.USED
+    carried = await engine.approvals.get(str(second))
+    assert carried is not None
+    assert (carried.policy_index, carried.waived) == (1, (0,))
+    with pytest.raises(ApprovalRefused):
+        await engine.resume(request_id)
+    await engine.approvals.approve(str(second), approver="ops")
+    await engine.resume(str(second))
+    assert ledger.calls == [500]
+
+
+async def test_an_approval_does_not_outlive_an_edit_of_the_policies(
+    make_engine: MakeEngine, state_store: StateStore
+) -> None:
+    first = make_engine(ESCALATE_OVER_20_BLOCK_AT_100)
+    request_id = await escalate(make_spend(first, {"stripe": Ledger().pay}), 30)
+    await first.approvals.approve(request_id, approver="ops")
+    edited = make_engine(ESCALATE_OVER_20_BLOCK_AT_100.replace("value: 20", "value: 25"))
+    ledger = Ledger()
+    make_spend(edited, {"stripe": ledger.pay})
+    with pytest.raises(ApprovalRefused) as refused:
+        await edited.resume(request_id)
+    assert refused.value.why == "policies"
+    assert ledger.calls == []
+    kept = await edited.approvals.get(request_id)
     assert kept is not None
-    assert kept.status is ApprovalStatus.APPROVED
+    assert kept.status is ApprovalStatus.APPROVED  # refused, not spent
 
 
 async def escalate_service(spend: Any, service: str, amount: int) -> str:

@@ -35,6 +35,7 @@ from limenex.approvals.request import (
     decimal_paths,
     fingerprint,
     new_request_id,
+    policies_digest,
     request_from_decision,
 )
 from limenex.approvals.service import Approvals
@@ -61,6 +62,7 @@ __all__ = [
     "decimal_paths",
     "fingerprint",
     "new_request_id",
+    "policies_digest",
     "request_from_decision",
 ]
 

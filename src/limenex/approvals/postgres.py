@@ -85,6 +85,8 @@ _SETUP = (
     expires_at float8 NOT NULL,
     decimals text NOT NULL,
     action text NOT NULL,
+    waived text NOT NULL,
+    policies_digest text NOT NULL,
     status text NOT NULL,
     decided_by text,
     decided_at float8,
@@ -92,6 +94,21 @@ _SETUP = (
     used_at float8
 )""",
     "CREATE INDEX IF NOT EXISTS approvals_waiting ON {s}.approvals (status, created_at, id)",
+)
+_ADDED = {
+    "decimals": "ALTER TABLE {s}.approvals ADD COLUMN decimals text NOT NULL DEFAULT '[]'",
+    "action": "ALTER TABLE {s}.approvals ADD COLUMN action text NOT NULL DEFAULT ''",
+    "waived": "ALTER TABLE {s}.approvals ADD COLUMN waived text NOT NULL DEFAULT '[]'",
+    "policies_digest": (
+        "ALTER TABLE {s}.approvals ADD COLUMN policies_digest text NOT NULL DEFAULT ''"
+    ),
+}
+"""Columns added since the table was first made, with the value older requests have. Only a
+table that lacks one is altered: ALTER TABLE locks the whole table, even when it changes
+nothing."""
+_COLUMNS_PRESENT = (
+    "SELECT column_name FROM information_schema.columns"
+    " WHERE table_schema = %s AND table_name = 'approvals'"
 )
 _COLUMNS = ", ".join(ROW_COLUMNS)
 _SELECT = "SELECT " + _COLUMNS + " FROM {s}.approvals"  # noqa: S608 - fixed names
@@ -336,6 +353,10 @@ class PostgresApprovalStore(BlockingApprovalStore):
             conn.execute(self._sql_lock, (_LOCK_CLASS, self._lock_name))
             for statement in self._sql_setup:
                 conn.execute(statement)
+            present = {row[0] for row in conn.execute(_COLUMNS_PRESENT, (self.schema,))}
+            for column, alter in _ADDED.items():
+                if column not in present:
+                    conn.execute(sql.SQL(alter).format(s=sql.Identifier(self.schema)))
         self._ready = True
 
     def _failure(self, exc: psycopg.Error) -> ApprovalStoreError:

@@ -30,7 +30,7 @@ import json
 import math
 import secrets
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "fingerprint",
     "from_row",
     "new_request_id",
+    "policies_digest",
     "request_from_decision",
     "to_row",
     "visible",
@@ -132,6 +133,8 @@ class ApprovalRequest:
     expires_at: float
     decimals: tuple[tuple[str | int, ...], ...] = ()
     action: str = ""
+    waived: tuple[int, ...] = ()
+    policies_digest: str = ""
     status: ApprovalStatus = ApprovalStatus.PENDING
     decided_by: str | None = None
     decided_at: float | None = None
@@ -159,6 +162,8 @@ class ApprovalRequest:
             "expires_at": self.expires_at,
             "decimals": [list(path) for path in self.decimals],
             "action": self.action,
+            "waived": list(self.waived),
+            "policies_digest": self.policies_digest,
             "status": self.status.value,
             "decided_by": self.decided_by,
             "decided_at": self.decided_at,
@@ -182,6 +187,8 @@ class ApprovalRequest:
             expires_at=float(data["expires_at"]),
             decimals=_paths(data.get("decimals") or ()),
             action=str(data.get("action") or ""),
+            waived=tuple(sorted({int(i) for i in data.get("waived") or ()})),
+            policies_digest=str(data.get("policies_digest") or ""),
             status=ApprovalStatus(data["status"]),
             decided_by=None if data["decided_by"] is None else str(data["decided_by"]),
             decided_at=None if data["decided_at"] is None else float(data["decided_at"]),
@@ -215,6 +222,8 @@ ROW_COLUMNS = (
     "expires_at",
     "decimals",
     "action",
+    "waived",
+    "policies_digest",
     "status",
     "decided_by",
     "decided_at",
@@ -224,7 +233,7 @@ ROW_COLUMNS = (
 """The columns of a request in an SQL table, in order (``params``, ``policy``, ``decimals``
 as canonical JSON text)."""
 
-_JSON_COLUMNS = frozenset({"params", "policy", "decimals"})
+_JSON_COLUMNS = frozenset({"params", "policy", "decimals", "waived"})
 
 
 def to_row(request: ApprovalRequest) -> tuple[Any, ...]:
@@ -373,15 +382,32 @@ def display_json(value: Any) -> str:
     return visible(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
 
 
+def policies_digest(policies: Iterable[Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of policies (their ``to_yaml_dict()``), in order."""
+    data = canonical_params([policy.to_yaml_dict() for policy in policies], _where="policies")
+    return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
+
+
 def new_request_id() -> str:
     """A fresh, unguessable request id: 128 random bits, URL-safe."""
     return secrets.token_urlsafe(16)
 
 
 def request_from_decision(
-    decision: Decision, params: Mapping[str, Any], *, now: float, ttl: float, action: str = ""
+    decision: Decision,
+    params: Mapping[str, Any],
+    *,
+    now: float,
+    ttl: float,
+    action: str = "",
+    waived: tuple[int, ...] = (),
+    policies_digest: str = "",
 ) -> ApprovalRequest:
     """A new pending request for an ESCALATE ``decision`` on ``params``, expiring after ``ttl``.
+
+    ``waived`` lists the policies a human already approved this exact call against (the
+    request comes from resuming an earlier one); ``policies_digest`` identifies the skill's
+    policies as they were, so an approval never outlives an edit of them.
 
     Raises :class:`~limenex.core.errors.InvalidArgumentError` when the decision is not an
     ESCALATE, ``ttl`` is not a positive number of seconds, or the params are not JSON data.
@@ -418,6 +444,8 @@ def request_from_decision(
         expires_at=float(now) + float(ttl),
         decimals=decimal_paths(params),
         action=action,
+        waived=tuple(sorted(set(waived))),
+        policies_digest=policies_digest,
     )
 
 

@@ -67,6 +67,8 @@ _TABLE = """CREATE TABLE IF NOT EXISTS approvals (
     expires_at REAL NOT NULL,
     decimals TEXT NOT NULL,
     action TEXT NOT NULL,
+    waived TEXT NOT NULL,
+    policies_digest TEXT NOT NULL,
     status TEXT NOT NULL,
     decided_by TEXT,
     decided_at REAL,
@@ -275,6 +277,8 @@ class SQLiteApprovalStore(BlockingApprovalStore):
 _ADDED = {
     "decimals": "decimals TEXT NOT NULL DEFAULT '[]'",
     "action": "action TEXT NOT NULL DEFAULT ''",
+    "waived": "waived TEXT NOT NULL DEFAULT '[]'",
+    "policies_digest": "policies_digest TEXT NOT NULL DEFAULT ''",
 }
 """Columns added since the table was first made, with the value older requests have."""
 

@@ -43,6 +43,7 @@ from limenex.approvals import (
     InMemoryApprovalStore,
     approval_store_for,
     fingerprint,
+    policies_digest,
     request_from_decision,
 )
 from limenex.approvals.request import refused
@@ -186,6 +187,7 @@ class PolicyEngine:
         self._approvals: Approvals | None = None
         self._actions: dict[tuple[str, str], ActionBuilder] = {}
         self._executors: dict[tuple[str, str], Callable[..., Any]] = {}
+        self._digests: dict[str, tuple[CompiledSkill, str]] = {}
         self.clock: Clock = clock or SystemClock()
         self.semantic_timeout = float(semantic_timeout)
         self._compiled: dict[str, CompiledSkill] = {}
@@ -275,7 +277,11 @@ class PolicyEngine:
         if decision is not None:
             await self._asettle(reservation, release=True)
             if decision.verdict is Verdict.ESCALATE:
-                await self._aescalate(plan, decision, started, action_name)
+                if _approval is not None:  # carried into the new request, which waives it too
+                    await self.approval_store.aconsume(
+                        _approval.id, _approval.fingerprint, self.clock.now()
+                    )
+                await self._aescalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
         allowed = None
         buffer = self._buffer
@@ -369,7 +375,11 @@ class PolicyEngine:
         if decision is not None:
             self._settle(reservation, release=True)
             if decision.verdict is Verdict.ESCALATE:
-                self._escalate(plan, decision, started, action_name)
+                if _approval is not None:  # carried into the new request, which waives it too
+                    self.approval_store.consume(
+                        _approval.id, _approval.fingerprint, self.clock.now()
+                    )
+                self._escalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
         allowed = None
         buffer = self._buffer
@@ -667,11 +677,29 @@ class PolicyEngine:
         ):
             raise ApprovalRefused(
                 f"cannot resume approval request {request_id!r}: its kept params no longer "
-                "match its fingerprint (the stored request was changed)",
+                "match its fingerprint (the stored request was changed, or made by an "
+                "earlier version of Limenex)",
                 request_id=request_id,
                 why="fingerprint",
             )
+        if request.policies_digest != self._policies_digest(self.skill(request.skill_id)):
+            raise ApprovalRefused(
+                f"cannot resume approval request {request_id!r}: the policies of "
+                f"{request.skill_id!r} changed since it was made, so what the human approved "
+                "is not what would be waived now; the call must be escalated again",
+                request_id=request_id,
+                why="policies",
+            )
         return request, params, build(params)
+
+    def _policies_digest(self, skill: CompiledSkill) -> str:
+        """SHA-256 of the canonical JSON of the skill's policies, as they are now."""
+        cached = self._digests.get(skill.skill_id)
+        if cached is not None and cached[0] is skill:
+            return cached[1]
+        digest = policies_digest(skill.policies)
+        self._digests[skill.skill_id] = (skill, digest)
+        return digest
 
     def _await_elsewhere(self, awaitable: Any) -> Any:
         """Run ``awaitable`` to its end on the helper loop thread (for :meth:`resume_sync`)."""
@@ -736,7 +764,7 @@ class PolicyEngine:
                 self.skill(skill_id),
                 agent_id,  # type: ignore[arg-type]
                 params,
-                waive=None if approval is None else approval.policy_index,
+                waive=None if approval is None else _waived(approval),
             )
         except InvalidArgumentError as exc:
             if exc.decision is None:
@@ -915,7 +943,13 @@ class PolicyEngine:
         self._audit("blocked", decision, plan.params, fail_closed=False, started=started, **extra)
         raise BlockedError(decision)
 
-    def _new_request(self, plan: Plan, decision: Decision, action_name: str) -> ApprovalRequest:
+    def _new_request(
+        self,
+        plan: Plan,
+        decision: Decision,
+        action_name: str,
+        resumed: ApprovalRequest | None,
+    ) -> ApprovalRequest:
         try:
             return request_from_decision(
                 decision,
@@ -923,13 +957,21 @@ class PolicyEngine:
                 now=self.clock.now(),
                 ttl=self.approval_ttl,
                 action=action_name,
+                waived=() if resumed is None else tuple(_waived(resumed)),
+                policies_digest=self._policies_digest(plan.skill),
             )
         except Exception as exc:
             raise self._fail(plan, "keeping the approval request", exc) from exc
 
     def _escalated(
-        self, plan: Plan, decision: Decision, request: ApprovalRequest, started: float | None
+        self,
+        plan: Plan,
+        decision: Decision,
+        request: ApprovalRequest,
+        started: float | None,
+        resumed: ApprovalRequest | None,
     ) -> EscalationRequired:
+        extra = {} if resumed is None else {"supersedes": resumed.id}
         self._audit(
             "escalated",
             decision,
@@ -937,18 +979,24 @@ class PolicyEngine:
             fail_closed=False,
             started=started,
             request_id=request.id,
+            **extra,
         )
         return EscalationRequired(decision, request.id)
 
     def _escalate(
-        self, plan: Plan, decision: Decision, started: float | None, action_name: str
+        self,
+        plan: Plan,
+        decision: Decision,
+        started: float | None,
+        action_name: str,
+        resumed: ApprovalRequest | None,
     ) -> NoReturn:
-        request = self._new_request(plan, decision, action_name)
+        request = self._new_request(plan, decision, action_name, resumed)
         try:
             self.approval_store.create(request)
         except Exception as exc:
             raise self._fail(plan, "the approval store", exc) from exc
-        signal = self._escalated(plan, decision, request, started)
+        signal = self._escalated(plan, decision, request, started, resumed)
         notify = self.on_escalation
         if notify is not None:
             try:
@@ -962,14 +1010,19 @@ class PolicyEngine:
         raise signal
 
     async def _aescalate(
-        self, plan: Plan, decision: Decision, started: float | None, action_name: str
+        self,
+        plan: Plan,
+        decision: Decision,
+        started: float | None,
+        action_name: str,
+        resumed: ApprovalRequest | None,
     ) -> NoReturn:
-        request = self._new_request(plan, decision, action_name)
+        request = self._new_request(plan, decision, action_name, resumed)
         try:
             await self.approval_store.acreate(request)
         except Exception as exc:
             raise self._fail(plan, "the approval store", exc) from exc
-        signal = self._escalated(plan, decision, request, started)
+        signal = self._escalated(plan, decision, request, started, resumed)
         notify = self.on_escalation
         if notify is not None:
             try:
@@ -1100,6 +1153,12 @@ async def _notified(notify: Callable[[ApprovalRequest], Any], request: ApprovalR
             answer = await asyncio.to_thread(notify, request)
         if inspect.isawaitable(answer):
             await answer
+
+
+def _waived(request: ApprovalRequest) -> frozenset[int]:
+    """The policies a human approved ``request``'s call against: its own and those before."""
+    own = () if request.policy_index is None else (request.policy_index,)
+    return frozenset((*request.waived, *own))
 
 
 async def _awaited(awaitable: Any) -> Any:

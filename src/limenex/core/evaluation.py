@@ -13,7 +13,7 @@ import fnmatch
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
@@ -337,18 +337,22 @@ class Plan:
 
 
 def plan_call(
-    skill: CompiledSkill, agent_id: str, params: Mapping[str, Any], *, waive: int | None = None
+    skill: CompiledSkill,
+    agent_id: str,
+    params: Mapping[str, Any],
+    *,
+    waive: Collection[int] | None = None,
 ) -> Plan:
     """Check the arguments, then decide the stateless policies in order.
 
     Stops at the first stateless breach: later policies are irrelevant, so no check or
     semantic rule after it is planned.
 
-    ``waive`` plans the resume of an approved request: the index of the ESCALATE policy the
-    human approved this exact call against. That policy cannot decide the call: stateless, it
-    is passed over; semantic, it is not asked; stateful, it still counts the amount, but with
-    :data:`WAIVED_LIMIT` for a limit. Every other policy applies unchanged: a BLOCK stays a
-    BLOCK, and another ESCALATE policy breached now asks a human again.
+    ``waive`` plans the resume of an approved request: the indices of the ESCALATE policies a
+    human approved this exact call against. Such a policy cannot decide the call: stateless,
+    it is passed over; semantic, it is not asked; stateful, it still counts the amount, but
+    with :data:`WAIVED_LIMIT` for a limit. Every other policy applies unchanged: a BLOCK stays
+    a BLOCK, and another ESCALATE policy breached now asks a human again.
     """
     amounts: dict[str, Decimal] = {}
     for name, kind in skill.arg_checks:
@@ -381,10 +385,10 @@ def plan_call(
             subject = agent_id if step.agent_scoped else step.subject(agent_id, params)
             key = _new(CounterKey, (step.dimension, step.scope_name, subject, step.window_spec))
             op, limit = step.op, step.limit
-            if step.index == waive and step.policy.breach_verdict is Verdict.ESCALATE:
+            if waive is not None and step.index in waive and _escalates(step):
                 op, limit = "lte", WAIVED_LIMIT
             checks.append(_new(Check, (step.index, key, step.window, amount, op, limit)))
-        elif step.index == waive and step.policy.breach_verdict is Verdict.ESCALATE:
+        elif waive is not None and step.index in waive and _escalates(step):
             continue
         elif type(step) is _PerCall:
             value = amounts[step.param]  # type: ignore[index]
@@ -419,6 +423,10 @@ def plan_call(
         else:
             semantic.append(step)  # type: ignore[arg-type]
     return Plan(skill, agent_id, params, checks, semantic, breach)
+
+
+def _escalates(step: _Step) -> bool:
+    return step.policy.breach_verdict is Verdict.ESCALATE
 
 
 def state_decision(plan: Plan, breach: StateBreach) -> Decision:
