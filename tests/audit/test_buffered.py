@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -339,3 +340,38 @@ def test_the_writers_short_path_writes_what_the_record_path_would(params: dict[s
     assert chain_body(short, 7, GENESIS) == chain_body(record.to_dict(), 7, GENESIS)
     assert record.chained(7, GENESIS).line() == chain_body(short, 7, GENESIS)[1]
     assert short["extra"]["state"][0]["after"] == "3.75"
+
+
+def test_a_processor_that_adds_what_json_cannot_hold_leaves_a_placeholder() -> None:
+    import datetime
+
+    def enrich(record: AuditRecord) -> AuditRecord:
+        if record.params.get("n") == 2:
+            return dataclasses.replace(record, extra={"when": datetime.datetime.now()})
+        return record
+
+    sink = MemorySink()
+    log = BufferedAuditLog(AuditLog(sink, processors=[enrich]), flush_interval=60)
+    engine = engine_with(log)
+    ran: list[int] = []
+    for n in (1, 2, 3):
+        spend(engine, ran, n)
+    log.flush()  # not wedged: every call stays allowed, every record is written
+    spend(engine, ran, 4)
+    log.flush()
+    assert ran == [1, 2, 3, 4]
+    assert [r.params.get("n") for r in sink.records] == [1, None, 3, 4]
+    assert sink.records[1].extra == {"unrecordable": "TypeError"}
+    engine.close()
+
+
+def test_a_huge_decimal_is_recorded_short() -> None:
+    sink = MemorySink()
+    log = BufferedAuditLog(AuditLog(sink), flush_interval=60)
+    engine = engine_with(log)
+    engine.execute_sync(
+        "finance.spend", "a", {"amount_usd": 1, "n": Decimal("1E+100000000")}, lambda: None
+    )
+    log.flush()
+    assert sink.records[0].params["n"] == "1E+100000000"
+    engine.close()

@@ -166,7 +166,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, int):
         return int(value) if value.bit_length() <= _MAX_INT_BITS else _text(value)
     if isinstance(value, Decimal):
-        return format(value, "f") if value.is_finite() else str(value)
+        if not value.is_finite():
+            return str(value)
+        if abs(value.adjusted()) > _MAX_DECIMAL_DIGITS:  # exact, but no one reads 1E+100000000
+            return str(value)
+        return format(value, "f")
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):
@@ -179,6 +183,7 @@ def _jsonable(value: Any) -> Any:
     return _text(value)
 
 
+_MAX_DECIMAL_DIGITS = 1000
 _MAX_INT_BITS = 4000 * 3  # about 3,600 digits: below Python's limit on int -> str conversion
 
 
@@ -538,7 +543,12 @@ class AuditSink:
         raise NotImplementedError
 
     def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
-        """Chain and store ``records`` in order; a sink may make them durable at once."""
+        """Chain and store ``records`` in order; a sink may make them durable at once.
+
+        A sink that overrides it stores all of them or none (the buffered log retries a
+        batch that failed). This default appends one by one: override it when a record
+        can fail half way.
+        """
         return [self.append(record) for record in records]
 
     def append_bodies(self, bodies: Sequence[dict[str, Any]]) -> None:
@@ -564,13 +574,21 @@ class MemorySink(AuditSink):
         self._lock = threading.Lock()
 
     def append(self, record: AuditRecord) -> AuditRecord:
+        return self.append_many((record,))[0]
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """All of ``records`` or none: a record that cannot be chained keeps the batch out."""
         with self._lock:
             last = self.records[-1] if self.records else None
-            chained = record.chained(
-                1 if last is None else (last.seq or 0) + 1,
-                GENESIS if last is None else (last.hash or GENESIS),
-            )
-            self.records.append(chained)
+            seq = 0 if last is None else last.seq or 0
+            prev = GENESIS if last is None else last.hash or GENESIS
+            chained = []
+            for record in records:
+                seq += 1
+                link = record.chained(seq, prev)
+                prev = link.hash or GENESIS
+                chained.append(link)
+            self.records.extend(chained)
             return chained
 
     def lines(self) -> list[str]:
@@ -1029,7 +1047,12 @@ class BufferedAuditLog:
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
                 try:
-                    self.log.sink.append_bodies([self._body(item) for item in batch])
+                    bodies = [self._body(item) for item in batch]
+                    try:
+                        self.log.sink.append_bodies(bodies)
+                    except (TypeError, ValueError):  # a body JSON cannot hold (a processor's)
+                        checked = [self._writable(b, i) for b, i in zip(bodies, batch, strict=True)]
+                        self.log.sink.append_bodies(checked)
                 except BaseException as exc:
                     queue.extendleft(reversed(batch))  # kept, in order, for the next try
                     if self._failure is None:
@@ -1101,22 +1124,35 @@ class BufferedAuditLog:
         try:
             return self._record(item)
         except Exception as exc:
-            event, subject, _, at, *_ = item
-            skill, agent = (
-                subject
-                if type(subject) is tuple
-                else (getattr(subject, "skill_id", "?"), getattr(subject, "agent_id", "?"))
-            )
-            return AuditRecord(
-                time=_iso(at),
-                event=str(event),
-                skill_id=str(skill),
-                agent_id=str(agent),
-                params={},
-                verdict=str(getattr(getattr(subject, "verdict", None), "value", "ALLOW")),
-                reason=f"this {event} record could not be made: {_text(exc)[:200]}",
-                extra={"unrecordable": type(exc).__name__},
-            )
+            return self._placeholder(item, exc)
+
+    def _writable(self, body: dict[str, Any], item: tuple[Any, ...]) -> dict[str, Any]:
+        """``body`` if it is JSON data, else the placeholder of its item."""
+        try:
+            canonical_json(body)
+        except (TypeError, ValueError) as exc:
+            return self._placeholder(item, exc).to_dict()
+        return body
+
+    @staticmethod
+    def _placeholder(item: tuple[Any, ...], exc: BaseException) -> AuditRecord:
+        """What is known of an item whose record cannot be made, and why; no params."""
+        event, subject, _, at, *_ = item
+        skill, agent = (
+            subject
+            if type(subject) is tuple
+            else (getattr(subject, "skill_id", "?"), getattr(subject, "agent_id", "?"))
+        )
+        return AuditRecord(
+            time=_iso(at),
+            event=str(event),
+            skill_id=str(skill),
+            agent_id=str(agent),
+            params={},
+            verdict=str(getattr(getattr(subject, "verdict", None), "value", "ALLOW")),
+            reason=f"this {event} record could not be made: {_text(exc)[:200]}",
+            extra={"unrecordable": type(exc).__name__},
+        )
 
     def flush(self) -> None:
         """Write everything queued so far; raise :class:`AuditError` if it cannot be written.

@@ -201,7 +201,7 @@ def _view(request: ApprovalRequest) -> dict[str, Any]:
     shows these server-made texts instead (see :func:`~limenex.approvals.request.visible`).
     """
     data = request.to_dict()
-    decimals = ", ".join(".".join(map(str, path)) for path in request.decimals)
+    decimals = visible(", ".join(".".join(map(str, path)) for path in request.decimals))
     data["display"] = {
         "skill_id": visible(request.skill_id),
         "agent_id": visible(request.agent_id),
@@ -211,6 +211,7 @@ def _view(request: ApprovalRequest) -> dict[str, Any]:
         "decimals": decimals or "—",
         "note": visible(request.note),
         "decided_by": visible(request.decided_by or ""),
+        "action": visible(request.action) or "—",
     }
     return data
 

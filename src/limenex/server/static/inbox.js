@@ -89,6 +89,7 @@
     row(dl, "Reason", shown.reason);
     row(dl, "Params", element("pre", "", shown.params));
     row(dl, "Exact decimals", shown.decimals);
+    row(dl, "Runs", shown.action);
     row(dl, "Policy", element("pre", "", shown.policy));
     row(dl, "Requested", when(request.created_at));
     row(dl, "Expires", when(request.expires_at) + " (" + untilText(request.expires_at) + ")");
