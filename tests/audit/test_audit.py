@@ -692,3 +692,46 @@ def test_a_kept_head_finds_records_cut_off_the_end(tmp_path: Path) -> None:
     assert "cut off" in cut.output
     result = verify(path, expect_head=head)
     assert (result.ok, result.count, result.first_bad_line) == (False, 3, None)
+
+
+def test_a_redacted_value_is_found_in_every_spelling_a_record_quotes_it_in(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+    engine = PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(
+            """
+            billing.pay:
+              policies:
+                - {type: deterministic, dimension: per_payment, param: amount, operator: lte,
+                   value: 100, stateful: false, breach_verdict: BLOCK}
+            billing.login:
+              policies:
+                - {type: deterministic, dimension: allowed_users, param: user,
+                   operator: in, values: [ops], breach_verdict: BLOCK}
+                - {type: deterministic, dimension: logins, operator: lte, value: 9,
+                   scope: [agent, account], breach_verdict: BLOCK}
+            """
+        ),
+        state_store="memory://",
+        audit_logger=AuditLog(JsonlSink(path), redact=["amount", "user", "account"]),
+    )
+    with pytest.raises(BlockedError):  # the reason prints the Decimal: 1E+16
+        engine.execute_sync("billing.pay", "a", {"amount": 1e16}, lambda: None)
+    with pytest.raises(BlockedError):  # the reason quotes the repr: DOMAIN\\\\ana
+        engine.execute_sync(
+            "billing.login", "a", {"user": "DOMAIN\\ana", "account": "x"}, lambda: None
+        )
+    engine.execute_sync(  # the subject is JSON: "DOMAIN\\\\4242"
+        "billing.login", "a", {"user": "ops", "account": "DOMAIN\\4242"}, lambda: None
+    )
+    text = path.read_text()
+    for secret in ("1E+16", "1e+16", "10000000000000000", "ana", "4242"):
+        assert secret not in text, secret
+    first = json.loads(text.splitlines()[0])
+    assert (first["observed"], first["projected"], first["limit"]) == (
+        "[redacted]",
+        "[redacted]",
+        "100",
+    )
+    assert verify(path).ok

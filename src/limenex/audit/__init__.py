@@ -464,18 +464,26 @@ class Redactor:
             params = _redact(params, path, secrets)
         if params is record.params:
             return record
-        secrets.discard("")
-        if not secrets:
-            return dataclasses.replace(record, params=params)
+        forms = {form for text in secrets for form in _spellings(text)}
+        forms.discard("")
+        # The breached policy read a redacted param: its observed and projected values are it.
+        hidden = isinstance(record.policy, dict) and record.policy.get("param") in self.fields
+        observed = REDACTED if hidden and record.observed is not None else record.observed
+        projected = REDACTED if hidden and record.projected is not None else record.projected
+        if not forms:
+            return dataclasses.replace(
+                record, params=params, observed=observed, projected=projected
+            )
         pattern = re.compile(
             "|".join(
-                rf"(?<!\w){re.escape(text)}(?!\w)"
-                for text in sorted(secrets, key=len, reverse=True)
+                rf"(?<!\w){re.escape(text)}(?!\w)" for text in sorted(forms, key=len, reverse=True)
             )
         )
         return dataclasses.replace(
             record,
             params=params,
+            observed=observed,
+            projected=projected,
             reason=pattern.sub(REDACTED, record.reason),
             extra=_scrub(record.extra, pattern),
         )
@@ -515,6 +523,24 @@ def _leaves(value: Any, found: set[str]) -> None:
             _leaves(item, found)
     elif value is not None and not isinstance(value, bool):
         found.add(str(value))
+
+
+def _spellings(text: str) -> set[str]:
+    """The ways a value's text can be quoted in a reason or a subject: as is, escaped by
+    ``repr`` or JSON, and a number in each form a decimal prints."""
+    forms = {
+        text,
+        repr(text)[1:-1],
+        json.dumps(text)[1:-1],
+        json.dumps(text, ensure_ascii=False)[1:-1],
+    }
+    try:
+        number = Decimal(text)
+    except ArithmeticError:
+        return forms
+    if number.is_finite():
+        forms |= {str(number), format(number, "f"), str(number.normalize())}
+    return forms
 
 
 def _scrub(value: Any, pattern: re.Pattern[str]) -> Any:
