@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from limenex.core.engine import BlockedError, PolicyEngine
+from limenex.core.engine import BlockedError, EscalationRequired, PolicyEngine
 from limenex.core.errors import InvalidArgumentError
 from limenex.core.policy_store import InMemoryPolicyStore
 from limenex.skills.filesystem import make_delete, make_move, make_write
@@ -146,3 +147,36 @@ def test_an_extended_parent_policy_file_is_protected_too(tmp_path: Path) -> None
     with pytest.raises(BlockedError, match="files this engine is governed by"):
         make_write(engine)(agent_id="a", filepath=parent, content="filesystem.write: {}")
     assert parent.read_text() == "filesystem.write:\n  policies: []\n"
+
+
+def test_another_name_for_an_own_file_is_refused_and_so_is_a_resume_onto_one(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / ".limenex"
+    folder.mkdir()
+    policy = folder / "policies.yaml"
+    policy.write_text(
+        "filesystem.write:\n  policies:\n    - {type: deterministic, dimension: writes,"
+        " operator: lt, value: 1, breach_verdict: ESCALATE}\n"
+    )
+    engine = PolicyEngine(policy)
+    write = make_write(engine)
+    link = tmp_path / "innocent.txt"
+    os.link(policy, link)  # made outside the agent's reach: a skill cannot make links
+    with pytest.raises(BlockedError, match="files this engine is governed by"):
+        write(agent_id="a", filepath=link, content="x")
+    # A request approved for a harmless path cannot be resumed onto an own file either.
+    target = tmp_path / "later.txt"
+    with pytest.raises(EscalationRequired) as paused:
+        write(agent_id="a", filepath=target, content="x")
+    request_id = paused.value.request_id
+    assert request_id is not None
+    engine.approvals.approve_sync(request_id, approver="ops")
+    target.unlink(missing_ok=True)
+    os.link(folder / "state.db", target)  # the harmless path now names the state
+    with pytest.raises(BlockedError, match="files this engine is governed by"):
+        engine.resume_sync(request_id)
+    kept = engine.approvals.get_sync(request_id)
+    assert kept is not None
+    assert kept.status.value == "approved"  # refused before the approval was spent
+    engine.close()

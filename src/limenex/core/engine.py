@@ -559,12 +559,14 @@ class PolicyEngine:
         The built-in filesystem skills call it before evaluating.
         """
         own = self.own_files()
+        inodes = {_inode(file) for file in own} - {None}
         for path in paths:
             for file in own:
                 if (
                     path == file
                     or path.startswith((file + ".", file + "-"))
                     or file.startswith(path.rstrip(os.sep) + os.sep)
+                    or _inode(path) in inodes  # another name for it (a hard link)
                 ):
                     decision = Decision(
                         Verdict.BLOCK,
@@ -1153,6 +1155,15 @@ async def _notified(notify: Callable[[ApprovalRequest], Any], request: ApprovalR
             answer = await asyncio.to_thread(notify, request)
         if inspect.isawaitable(answer):
             await answer
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing file, else ``None``."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _waived(request: ApprovalRequest) -> frozenset[int]:

@@ -50,10 +50,12 @@ def make_write(
 ) -> Callable[..., Any]:
     """``write(agent_id=, filepath=, content=)``; the executor gets ``filepath=, content=``."""
     act = executor or _write_file
-    engine.register_action(
-        "filesystem.write",
-        lambda params: lambda: act(filepath=params["filepath"], content=params["content"]),
-    )
+
+    def write_action(params: dict[str, Any]) -> Callable[[], Any]:
+        engine.refuse_own_files("filesystem.write", params["agent_id"], params, params["filepath"])
+        return lambda: act(filepath=params["filepath"], content=params["content"])
+
+    engine.register_action("filesystem.write", write_action)
 
     def write(*, agent_id: str, filepath: PathArg, content: str | bytes) -> Any:
         """Write ``content`` to ``filepath``, if the policies allow it."""
@@ -78,9 +80,12 @@ def make_delete(
 ) -> Callable[..., Any]:
     """``delete(agent_id=, filepath=)``; the executor gets ``filepath=``."""
     act = executor or _delete_file
-    engine.register_action(
-        "filesystem.delete", lambda params: lambda: act(filepath=params["filepath"])
-    )
+
+    def delete_action(params: dict[str, Any]) -> Callable[[], Any]:
+        engine.refuse_own_files("filesystem.delete", params["agent_id"], params, params["filepath"])
+        return lambda: act(filepath=params["filepath"])
+
+    engine.register_action("filesystem.delete", delete_action)
 
     def delete(*, agent_id: str, filepath: PathArg) -> Any:
         """Delete the file at ``filepath``, if the policies allow it."""
@@ -100,9 +105,14 @@ def make_move(
 ) -> Callable[..., Any]:
     """``move(agent_id=, src=, dst=)``; the executor gets ``src=, dst=``."""
     act = executor or _move_file
-    engine.register_action(
-        "filesystem.move", lambda params: lambda: act(src=params["src"], dst=params["dst"])
-    )
+
+    def move_action(params: dict[str, Any]) -> Callable[[], Any]:
+        engine.refuse_own_files(
+            "filesystem.move", params["agent_id"], params, params["src"], params["dst"]
+        )
+        return lambda: act(src=params["src"], dst=params["dst"])
+
+    engine.register_action("filesystem.move", move_action)
 
     def move(*, agent_id: str, src: PathArg, dst: PathArg) -> Any:
         """Move ``src`` to ``dst``, if the policies allow it."""
