@@ -64,7 +64,7 @@ def serve(
         sys.exit(2)
 
     from limenex.approvals import Approvals, approval_store_for
-    from limenex.audit import AuditLog, JsonlSink, path_for, redact_from_env
+    from limenex.audit import AuditError, AuditLog, JsonlSink, path_for, redact_from_env
     from limenex.core.errors import LimenexError
     from limenex.server import create_app
 
@@ -81,12 +81,12 @@ def serve(
         except LimenexError as exc:
             raise click.ClickException(str(exc)) from exc
         audit_path = audit_log or str(path_for(store))
+        sink = JsonlSink(audit_path)
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(audit_path)), exist_ok=True)
-            os.close(os.open(audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-        except OSError as exc:
-            raise click.ClickException(f"cannot open the audit log {audit_path}: {exc}") from exc
-        audit = AuditLog(JsonlSink(audit_path), redact=redact_from_env())
+            sink.probe()  # refuse to start, rather than fail on the first decision
+        except AuditError as exc:
+            raise click.ClickException(str(exc)) from exc
+        audit = AuditLog(sink, redact=redact_from_env())
         approvals = Approvals(approval_store, audit=audit)
         app = create_app(
             approvals,
