@@ -735,3 +735,18 @@ def test_a_redacted_value_is_found_in_every_spelling_a_record_quotes_it_in(
         "100",
     )
     assert verify(path).ok
+
+
+def test_a_relative_log_path_is_fixed_when_the_sink_is_made(tmp_path: Path) -> None:
+    import contextlib
+    import os
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with contextlib.chdir(tmp_path / "a"):
+        log = AuditLog(JsonlSink("audit.log"))
+        log.write("executed", allow(), {})
+    with contextlib.chdir(tmp_path / "b"):
+        log.write("executed", allow(), {})  # not a second chain in another folder
+    assert not os.path.exists(tmp_path / "b" / "audit.log")
+    assert verify(tmp_path / "a" / "audit.log").count == 2

@@ -634,7 +634,8 @@ class JsonlSink(AuditSink):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        # Absolute once: a later chdir must not start a second chain in another folder.
+        self.path = Path(os.path.abspath(os.fspath(path)))
         self._lock = threading.Lock()
         _sinks.add(self)
 
