@@ -180,3 +180,18 @@ def test_another_name_for_an_own_file_is_refused_and_so_is_a_resume_onto_one(
     assert kept is not None
     assert kept.status.value == "approved"  # refused before the approval was spent
     engine.close()
+
+
+def test_a_relative_policy_path_stays_protected_after_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "limenex.yaml").write_text("filesystem.write:\n  policies: []\n")
+    monkeypatch.chdir(tmp_path)
+    engine = PolicyEngine("limenex.yaml", "memory://", audit_logger=False)
+    write = make_write(engine)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a tool, a notebook: the process moves
+    with pytest.raises(BlockedError, match="files this engine is governed by"):
+        write(agent_id="a", filepath=tmp_path / "limenex.yaml", content="x")
+    write(agent_id="a", filepath=tmp_path / "elsewhere" / "limenex.yaml", content="fine")
+    assert (tmp_path / "limenex.yaml").read_text() == "filesystem.write:\n  policies: []\n"

@@ -383,9 +383,17 @@ def display_json(value: Any) -> str:
 
 
 def policies_digest(policies: Iterable[Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of policies (their ``to_yaml_dict()``), in order."""
-    data = canonical_params([policy.to_yaml_dict() for policy in policies], _where="policies")
-    return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
+    """SHA-256 (hex) of the canonical JSON of policies, in order: each its ``to_yaml_dict()``
+    with the limit as its exact decimal text (two limits never share a digest)."""
+    exact = []
+    for policy in policies:
+        data = policy.to_yaml_dict()
+        value = getattr(policy, "value", None)
+        if value is not None:
+            data["value"] = format(value, "f")
+        exact.append(data)
+    text = canonical_json(canonical_params(exact, _where="policies"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def new_request_id() -> str:

@@ -188,6 +188,7 @@ class PolicyEngine:
         self._actions: dict[tuple[str, str], ActionBuilder] = {}
         self._executors: dict[tuple[str, str], Callable[..., Any]] = {}
         self._digests: dict[str, tuple[CompiledSkill, str]] = {}
+        self._cwd = os.getcwd()
         self.clock: Clock = clock or SystemClock()
         self.semantic_timeout = float(semantic_timeout)
         self._compiled: dict[str, CompiledSkill] = {}
@@ -546,7 +547,10 @@ class PolicyEngine:
                 found.append(os.path.splitext(self.state_store.path)[0] + ".approvals.json")
         sink = getattr(getattr(self.audit_logger, "log", self.audit_logger), "sink", None)
         found.append(str(getattr(sink, "path", "") or ""))
-        return tuple(sorted({normalise_path(path) for path in found if path}))
+        # Relative paths are read as the stores read them: from where the engine was made.
+        return tuple(
+            sorted({normalise_path(os.path.join(self._cwd, path)) for path in found if path})
+        )
 
     def refuse_own_files(
         self, skill_id: str, agent_id: str, params: Mapping[str, Any], *paths: str
