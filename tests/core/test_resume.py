@@ -681,3 +681,43 @@ def test_closures_of_one_factory_need_their_own_names(make_engine: MakeEngine) -
     engine.approvals.approve_sync(request_id, approver="ops")
     assert engine.resume_sync(request_id) == "petty-cash"
     assert sent == ["500 from petty-cash"]
+
+
+async def test_a_new_request_that_cannot_be_kept_leaves_the_approval_unspent(
+    make_engine: MakeEngine,
+) -> None:
+    from limenex.approvals import InMemoryApprovalStore
+
+    class Flaky(InMemoryApprovalStore):
+        down = False
+
+        def create(self, request: ApprovalRequest) -> None:
+            if self.down:
+                raise ApprovalStoreError("approval database unreachable")
+            super().create(request)
+
+    store = Flaky()
+    engine = make_engine(
+        """
+        finance.spend:
+          policies:
+            - {type: deterministic, dimension: amount_usd, param: amount_usd, operator: lte,
+               value: 100, stateful: false, breach_verdict: ESCALATE}
+            - {type: deterministic, dimension: approved_services, param: service,
+               operator: in, values: [stripe], breach_verdict: ESCALATE}
+        """,
+        approval_store=store,
+    )
+    ledger = Ledger()
+    first = await escalate_service(make_spend(engine, {"wire": ledger.pay}), "wire", 500)
+    await engine.approvals.approve(first, approver="ops")
+    store.down = True
+    with pytest.raises(BlockedError, match="approval store"):
+        await engine.resume(first)
+    kept = await engine.approvals.get(first)
+    assert kept is not None
+    assert kept.status is ApprovalStatus.APPROVED  # nothing was carried, nothing was spent
+    store.down = False
+    with pytest.raises(EscalationRequired):
+        await engine.resume(first)
+    assert ledger.calls == []

@@ -278,10 +278,6 @@ class PolicyEngine:
         if decision is not None:
             await self._asettle(reservation, release=True)
             if decision.verdict is Verdict.ESCALATE:
-                if _approval is not None:  # carried into the new request, which waives it too
-                    await self.approval_store.aconsume(
-                        _approval.id, _approval.fingerprint, self.clock.now()
-                    )
                 await self._aescalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
         allowed = None
@@ -376,10 +372,6 @@ class PolicyEngine:
         if decision is not None:
             self._settle(reservation, release=True)
             if decision.verdict is Verdict.ESCALATE:
-                if _approval is not None:  # carried into the new request, which waives it too
-                    self.approval_store.consume(
-                        _approval.id, _approval.fingerprint, self.clock.now()
-                    )
                 self._escalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
         allowed = None
@@ -688,15 +680,19 @@ class PolicyEngine:
                 request_id=request_id,
                 why="fingerprint",
             )
-        if request.policies_digest != self._policies_digest(self.skill(request.skill_id)):
+        self._same_policies(request, self.skill(request.skill_id))
+        return request, params, build(params)
+
+    def _same_policies(self, request: ApprovalRequest, skill: CompiledSkill) -> None:
+        """Refuse a resume whose skill's policies changed since the request was made."""
+        if request.policies_digest != self._policies_digest(skill):
             raise ApprovalRefused(
-                f"cannot resume approval request {request_id!r}: the policies of "
+                f"cannot resume approval request {request.id!r}: the policies of "
                 f"{request.skill_id!r} changed since it was made, so what the human approved "
                 "is not what would be waived now; the call must be escalated again",
-                request_id=request_id,
+                request_id=request.id,
                 why="policies",
             )
-        return request, params, build(params)
 
     def _policies_digest(self, skill: CompiledSkill) -> str:
         """SHA-256 of the canonical JSON of the skill's policies, as they are now."""
@@ -766,8 +762,11 @@ class PolicyEngine:
         try:
             if type(agent_id) is not str or not agent_id:
                 check_agent_id(agent_id)  # raises, naming the argument
+            skill = self.skill(skill_id)
+            if approval is not None:  # the policies this plan reads are those approved
+                self._same_policies(approval, skill)
             return plan_call(
-                self.skill(skill_id),
+                skill,
                 agent_id,  # type: ignore[arg-type]
                 params,
                 waive=None if approval is None else _waived(approval),
@@ -998,10 +997,18 @@ class PolicyEngine:
         resumed: ApprovalRequest | None,
     ) -> NoReturn:
         request = self._new_request(plan, decision, action_name, resumed)
+        store = self.approval_store
         try:
-            self.approval_store.create(request)
+            store.create(request)
         except Exception as exc:
             raise self._fail(plan, "the approval store", exc) from exc
+        if resumed is not None:  # carried into the new request, which waives it too
+            try:
+                store.consume(resumed.id, resumed.fingerprint, self.clock.now())
+            except BaseException:
+                with contextlib.suppress(Exception):  # it carries nothing: never approvable
+                    store.deny(request.id, _SUPERSEDED, self.clock.now(), _UNCARRIED)
+                raise
         signal = self._escalated(plan, decision, request, started, resumed)
         notify = self.on_escalation
         if notify is not None:
@@ -1024,10 +1031,18 @@ class PolicyEngine:
         resumed: ApprovalRequest | None,
     ) -> NoReturn:
         request = self._new_request(plan, decision, action_name, resumed)
+        store = self.approval_store
         try:
-            await self.approval_store.acreate(request)
+            await store.acreate(request)
         except Exception as exc:
             raise self._fail(plan, "the approval store", exc) from exc
+        if resumed is not None:  # carried into the new request, which waives it too
+            try:
+                await store.aconsume(resumed.id, resumed.fingerprint, self.clock.now())
+            except BaseException:
+                with contextlib.suppress(Exception):  # it carries nothing: never approvable
+                    await store.adeny(request.id, _SUPERSEDED, self.clock.now(), _UNCARRIED)
+                raise
         signal = self._escalated(plan, decision, request, started, resumed)
         notify = self.on_escalation
         if notify is not None:
@@ -1187,6 +1202,8 @@ def _check_notified(answer: object) -> None:
 
 
 _NOTIFY_TIMEOUT = 10.0
+_SUPERSEDED = "limenex"
+_UNCARRIED = "the approval it was to carry could not be used (another resume used it first)"
 
 
 def _default_audit_log(state_store: StateStore) -> BufferedAuditLog:
