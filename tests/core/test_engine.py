@@ -231,15 +231,14 @@ async def test_executor_that_raises_leaves_budget_untouched_and_exception_unchan
     async def failing(amount_usd: float) -> None:
         raise boom
 
-    spend = make_spend(engine, {"stripe": failing})
+    ledger = Ledger()
+    spend = make_spend(engine, {"broken": failing, "stripe": ledger.pay})
     with pytest.raises(ConnectionError) as caught:
-        await spend(agent_id="agent-1", service="stripe", amount_usd=45)
+        await spend(agent_id="agent-1", service="broken", amount_usd=45)
 
     assert caught.value is boom
     assert spend_total(engine.state_store) == 0
-    ledger = Ledger()
-    spend_ok = make_spend(engine, {"stripe": ledger.pay})
-    await spend_ok(agent_id="agent-1", service="stripe", amount_usd=45)
+    await spend(agent_id="agent-1", service="stripe", amount_usd=45)
     assert ledger.paid == [45]
 
 

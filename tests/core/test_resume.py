@@ -203,7 +203,7 @@ async def test_concurrent_resumes_run_the_action_once(
     assert ran == [30]
 
     # Threads, on the synchronous path, racing for a second approved request.
-    sync_spend = make_spend(engine, {"stripe": pay_sync})
+    sync_spend = make_spend(engine, {"stripe": pay_sync}, name="sync")  # another registry
     second = await escalate(sync_spend, 40)
     await engine.approvals.approve(second, approver="ops")
     results: list[object] = []
@@ -721,3 +721,19 @@ async def test_a_new_request_that_cannot_be_kept_leaves_the_approval_unspent(
     with pytest.raises(EscalationRequired):
         await engine.resume(first)
     assert ledger.calls == []
+
+
+async def test_two_registries_made_into_one_skill_need_their_own_names(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine(ESCALATE_OVER_20_BLOCK_AT_100)
+    tenant_a, tenant_b = Ledger(), Ledger()
+    spend_a = make_spend(engine, {"stripe": tenant_a.pay})
+    make_spend(engine, {"stripe": tenant_a.pay})  # the same registry again: fine
+    with pytest.raises(LimenexConfigError, match="already names another executor"):
+        make_spend(engine, {"stripe": tenant_b.pay})
+    make_spend(engine, {"stripe": tenant_b.pay}, name="tenant-b")
+    request_id = await escalate(spend_a, 30)
+    await engine.approvals.approve(request_id, approver="ops")
+    await engine.resume(request_id)
+    assert (tenant_a.calls, tenant_b.calls) == ([30], [])

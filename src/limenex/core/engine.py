@@ -186,7 +186,7 @@ class PolicyEngine:
         self.on_escalation = on_escalation
         self._approvals: Approvals | None = None
         self._actions: dict[tuple[str, str], ActionBuilder] = {}
-        self._executors: dict[tuple[str, str], Callable[..., Any]] = {}
+        self._executors: dict[tuple[str, str], object] = {}
         self._digests: dict[str, tuple[CompiledSkill, str]] = {}
         self._cwd = os.getcwd()
         self.clock: Clock = clock or SystemClock()
@@ -492,7 +492,7 @@ class PolicyEngine:
         build: ActionBuilder,
         *,
         name: str = "",
-        executor: Callable[..., Any] | None = None,
+        executor: object = None,
     ) -> None:
         """How :meth:`resume` performs ``skill_id``'s action: ``build(params)`` -> action.
 
@@ -501,18 +501,19 @@ class PolicyEngine:
         as one skill never stand in for each other. The built-in skills (whose registry key is
         in the params) register under ``""``; :meth:`governed` under the function's module and
         qualified name. A skill made again (in a new process, after a restart) registers
-        again; the last one made is used. ``executor``, when given, is the one callable the
-        builder calls: another callable under the same skill and name is refused, since a
-        resume could not tell them apart.
+        again; the last one made is used. ``executor``, when given, identifies what the
+        builder calls (the function, or a registry's snapshot): another one under the same
+        skill and name is refused, since a resume could not tell them apart.
         """
         if not callable(build):
             raise LimenexConfigError(f"{skill_id}: the action builder must be callable")
         known = self._executors.get((skill_id, name))
-        if executor is not None and known is not None and known is not executor:
+        if executor is not None and known is not None and known != executor:
             raise LimenexConfigError(
                 f"{skill_id}: {name!r} already names another executor of this skill on this "
                 "engine, and an approved request must resume exactly the function it was "
-                "made by; give each its own name (engine.governed(skill_id, name=...))"
+                "made by; give each its own name (engine.governed(skill_id, name=...), "
+                "make_spend(engine, registry, name=...))"
             )
         self._actions[(skill_id, name)] = build
         if executor is not None:

@@ -17,39 +17,56 @@ from limenex.core.errors import (
     UnregisteredExecutorError,
 )
 
-__all__ = ["Executor", "UnregisteredExecutorError", "executor_lookup"]
+__all__ = ["Executor", "ExecutorLookup", "UnregisteredExecutorError", "executor_lookup"]
 
 Executor = Callable[..., Any]
 
 
 def executor_lookup(
     skill_id: str, key_param: str, registry: Mapping[str, Executor]
-) -> Callable[[object], Executor]:
+) -> ExecutorLookup:
     """Snapshot and check ``registry``; return ``key -> executor`` that refuses unknown keys."""
-    if not isinstance(registry, Mapping):
-        raise LimenexConfigError(
-            f"{skill_id}: the executor registry must be a mapping of {key_param} -> callable"
-        )
-    table: dict[str, Executor] = {}
-    for key, executor in registry.items():
-        if not isinstance(key, str) or not key:
-            raise LimenexConfigError(f"{skill_id}: registry keys must be non-empty strings")
-        if not callable(executor):
-            raise LimenexConfigError(f"{skill_id}: the executor for {key!r} is not callable")
-        table[key] = executor
-    known = ", ".join(sorted(table)) or "none"
+    return ExecutorLookup(skill_id, key_param, registry)
 
-    def lookup(key: object) -> Executor:
-        executor = table.get(key) if type(key) is str else None
+
+class ExecutorLookup:
+    """``key -> executor`` over a snapshot of a registry; unknown keys are refused.
+
+    ``identity`` is what :meth:`~limenex.core.engine.PolicyEngine.register_action` compares:
+    two skills made on one engine from registries that differ cannot share a name, since a
+    resumed request could not tell which one it was made by.
+    """
+
+    __slots__ = ("identity", "key_param", "known", "skill_id", "table")
+
+    def __init__(self, skill_id: str, key_param: str, registry: Mapping[str, Executor]) -> None:
+        if not isinstance(registry, Mapping):
+            raise LimenexConfigError(
+                f"{skill_id}: the executor registry must be a mapping of {key_param} -> callable"
+            )
+        table: dict[str, Executor] = {}
+        for key, executor in registry.items():
+            if not isinstance(key, str) or not key:
+                raise LimenexConfigError(f"{skill_id}: registry keys must be non-empty strings")
+            if not callable(executor):
+                raise LimenexConfigError(f"{skill_id}: the executor for {key!r} is not callable")
+            table[key] = executor
+        self.skill_id = skill_id
+        self.key_param = key_param
+        self.table = table
+        self.known = ", ".join(sorted(table)) or "none"
+        self.identity = frozenset(table.items())
+
+    def __call__(self, key: object) -> Executor:
+        executor = self.table.get(key) if type(key) is str else None
         if executor is not None:
             return executor
         if type(key) is not str:
             raise InvalidArgumentError(
-                f"argument {key_param!r} must be a string, got {type(key).__name__} {key!r}",
-                argument=key_param,
+                f"argument {self.key_param!r} must be a string, got {type(key).__name__} {key!r}",
+                argument=self.key_param,
             )
         raise UnregisteredExecutorError(
-            f"{skill_id}: no executor is registered for {key_param} {key!r} (registered: {known})"
+            f"{self.skill_id}: no executor is registered for {self.key_param} {key!r}"
+            f" (registered: {self.known})"
         )
-
-    return lookup

@@ -12,7 +12,7 @@ __all__ = ["make_send"]
 
 
 def make_send(
-    engine: PolicyEngine, registry: Mapping[str, Executor]
+    engine: PolicyEngine, registry: Mapping[str, Executor], *, name: str = ""
 ) -> Callable[..., Awaitable[Any]]:
     """``await send(agent_id=, channel=, recipient=, text=)``; executor: ``recipient=, text=``."""
     lookup = executor_lookup("comms.send", "channel", registry)
@@ -21,14 +21,18 @@ def make_send(
         executor = lookup(params["channel"])
         return lambda: executor(recipient=params["recipient"], text=params["text"])
 
-    engine.register_action("comms.send", action)
+    engine.register_action("comms.send", action, name=name, executor=lookup.identity)
 
     async def send(*, agent_id: str, channel: str, recipient: str, text: str) -> Any:
         """Send ``text`` to ``recipient`` over ``channel``, if the policies allow it."""
         executor = lookup(channel)
         params = {"agent_id": agent_id, "channel": channel, "recipient": recipient, "text": text}
         return await engine.execute(
-            "comms.send", agent_id, params, lambda: executor(recipient=recipient, text=text)
+            "comms.send",
+            agent_id,
+            params,
+            lambda: executor(recipient=recipient, text=text),
+            action_name=name,
         )
 
     send.skill_id = "comms.send"  # type: ignore[attr-defined]

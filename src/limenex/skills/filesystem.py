@@ -46,7 +46,7 @@ def _move_file(*, src: str, dst: str) -> str:
 
 
 def make_write(
-    engine: PolicyEngine, executor: Callable[..., Any] | None = None
+    engine: PolicyEngine, executor: Callable[..., Any] | None = None, *, name: str = ""
 ) -> Callable[..., Any]:
     """``write(agent_id=, filepath=, content=)``; the executor gets ``filepath=, content=``."""
     act = executor or _write_file
@@ -55,7 +55,7 @@ def make_write(
         engine.refuse_own_files("filesystem.write", params["agent_id"], params, params["filepath"])
         return lambda: act(filepath=params["filepath"], content=params["content"])
 
-    engine.register_action("filesystem.write", write_action)
+    engine.register_action("filesystem.write", write_action, name=name, executor=act)
 
     def write(*, agent_id: str, filepath: PathArg, content: str | bytes) -> Any:
         """Write ``content`` to ``filepath``, if the policies allow it."""
@@ -68,7 +68,11 @@ def make_write(
         params = {"agent_id": agent_id, "filepath": path, "content": content}
         engine.refuse_own_files("filesystem.write", agent_id, params, path)
         return engine.execute_sync(
-            "filesystem.write", agent_id, params, lambda: act(filepath=path, content=content)
+            "filesystem.write",
+            agent_id,
+            params,
+            lambda: act(filepath=path, content=content),
+            action_name=name,
         )
 
     write.skill_id = "filesystem.write"  # type: ignore[attr-defined]
@@ -76,7 +80,7 @@ def make_write(
 
 
 def make_delete(
-    engine: PolicyEngine, executor: Callable[..., Any] | None = None
+    engine: PolicyEngine, executor: Callable[..., Any] | None = None, *, name: str = ""
 ) -> Callable[..., Any]:
     """``delete(agent_id=, filepath=)``; the executor gets ``filepath=``."""
     act = executor or _delete_file
@@ -85,7 +89,7 @@ def make_delete(
         engine.refuse_own_files("filesystem.delete", params["agent_id"], params, params["filepath"])
         return lambda: act(filepath=params["filepath"])
 
-    engine.register_action("filesystem.delete", delete_action)
+    engine.register_action("filesystem.delete", delete_action, name=name, executor=act)
 
     def delete(*, agent_id: str, filepath: PathArg) -> Any:
         """Delete the file at ``filepath``, if the policies allow it."""
@@ -93,7 +97,7 @@ def make_delete(
         params = {"agent_id": agent_id, "filepath": path}
         engine.refuse_own_files("filesystem.delete", agent_id, params, path)
         return engine.execute_sync(
-            "filesystem.delete", agent_id, params, lambda: act(filepath=path)
+            "filesystem.delete", agent_id, params, lambda: act(filepath=path), action_name=name
         )
 
     delete.skill_id = "filesystem.delete"  # type: ignore[attr-defined]
@@ -101,7 +105,7 @@ def make_delete(
 
 
 def make_move(
-    engine: PolicyEngine, executor: Callable[..., Any] | None = None
+    engine: PolicyEngine, executor: Callable[..., Any] | None = None, *, name: str = ""
 ) -> Callable[..., Any]:
     """``move(agent_id=, src=, dst=)``; the executor gets ``src=, dst=``."""
     act = executor or _move_file
@@ -112,7 +116,7 @@ def make_move(
         )
         return lambda: act(src=params["src"], dst=params["dst"])
 
-    engine.register_action("filesystem.move", move_action)
+    engine.register_action("filesystem.move", move_action, name=name, executor=act)
 
     def move(*, agent_id: str, src: PathArg, dst: PathArg) -> Any:
         """Move ``src`` to ``dst``, if the policies allow it."""
@@ -120,7 +124,11 @@ def make_move(
         params = {"agent_id": agent_id, "src": source, "dst": target}
         engine.refuse_own_files("filesystem.move", agent_id, params, source, target)
         return engine.execute_sync(
-            "filesystem.move", agent_id, params, lambda: act(src=source, dst=target)
+            "filesystem.move",
+            agent_id,
+            params,
+            lambda: act(src=source, dst=target),
+            action_name=name,
         )
 
     move.skill_id = "filesystem.move"  # type: ignore[attr-defined]

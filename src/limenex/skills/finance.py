@@ -15,23 +15,31 @@ Amount = int | float | Decimal
 
 
 def make_spend(
-    engine: PolicyEngine, registry: Mapping[str, Executor]
+    engine: PolicyEngine, registry: Mapping[str, Executor], *, name: str = ""
 ) -> Callable[..., Awaitable[Any]]:
-    """``await spend(agent_id=, service=, amount_usd=)``; the executor gets ``amount_usd=``."""
+    """``await spend(agent_id=, service=, amount_usd=)``; the executor gets ``amount_usd=``.
+
+    ``name`` tells apart two registries made into this skill on one engine (see
+    :meth:`~limenex.core.engine.PolicyEngine.register_action`).
+    """
     lookup = executor_lookup("finance.spend", "service", registry)
 
     def action(params: dict[str, Any]) -> Callable[[], Any]:
         executor = lookup(params["service"])
         return lambda: executor(amount_usd=params["amount_usd"])
 
-    engine.register_action("finance.spend", action)
+    engine.register_action("finance.spend", action, name=name, executor=lookup.identity)
 
     async def spend(*, agent_id: str, service: str, amount_usd: Amount) -> Any:
         """Spend ``amount_usd`` US dollars on ``service``, if the policies allow it."""
         executor = lookup(service)
         params = {"agent_id": agent_id, "service": service, "amount_usd": amount_usd}
         return await engine.execute(
-            "finance.spend", agent_id, params, lambda: executor(amount_usd=amount_usd)
+            "finance.spend",
+            agent_id,
+            params,
+            lambda: executor(amount_usd=amount_usd),
+            action_name=name,
         )
 
     spend.skill_id = "finance.spend"  # type: ignore[attr-defined]
@@ -39,7 +47,7 @@ def make_spend(
 
 
 def make_charge(
-    engine: PolicyEngine, registry: Mapping[str, Executor]
+    engine: PolicyEngine, registry: Mapping[str, Executor], *, name: str = ""
 ) -> Callable[..., Awaitable[Any]]:
     """``await charge(agent_id=, provider=, amount=, currency=)``.
 
@@ -51,7 +59,7 @@ def make_charge(
         executor = lookup(params["provider"])
         return lambda: executor(amount=params["amount"], currency=params["currency"])
 
-    engine.register_action("finance.charge", action)
+    engine.register_action("finance.charge", action, name=name, executor=lookup.identity)
 
     async def charge(*, agent_id: str, provider: str, amount: Amount, currency: str) -> Any:
         """Charge ``amount`` in ``currency`` through ``provider``, if the policies allow it."""
@@ -67,6 +75,7 @@ def make_charge(
             agent_id,
             params,
             lambda: executor(amount=amount, currency=currency),
+            action_name=name,
         )
 
     charge.skill_id = "finance.charge"  # type: ignore[attr-defined]

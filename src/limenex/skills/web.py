@@ -12,7 +12,7 @@ __all__ = ["make_post"]
 
 
 def make_post(
-    engine: PolicyEngine, registry: Mapping[str, Executor]
+    engine: PolicyEngine, registry: Mapping[str, Executor], *, name: str = ""
 ) -> Callable[..., Awaitable[Any]]:
     """``await post(agent_id=, destination=, payload=)``; the executor gets ``payload=``."""
     lookup = executor_lookup("web.post", "destination", registry)
@@ -21,13 +21,15 @@ def make_post(
         executor = lookup(params["destination"])
         return lambda: executor(payload=params["payload"])
 
-    engine.register_action("web.post", action)
+    engine.register_action("web.post", action, name=name, executor=lookup.identity)
 
     async def post(*, agent_id: str, destination: str, payload: Any) -> Any:
         """Post ``payload`` to ``destination``, if the policies allow it."""
         executor = lookup(destination)
         params = {"agent_id": agent_id, "destination": destination, "payload": payload}
-        return await engine.execute("web.post", agent_id, params, lambda: executor(payload=payload))
+        return await engine.execute(
+            "web.post", agent_id, params, lambda: executor(payload=payload), action_name=name
+        )
 
     post.skill_id = "web.post"  # type: ignore[attr-defined]
     return post
