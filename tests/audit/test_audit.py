@@ -455,6 +455,7 @@ def test_engine_writes_a_verifiable_log(tmp_path: Path) -> None:
             "scope": "agent",
             "subject": "agent-1",
             "window": None,
+            "param": "amount_usd",
             "before": "0",
             "after": "60",
         }
@@ -750,3 +751,42 @@ def test_a_relative_log_path_is_fixed_when_the_sink_is_made(tmp_path: Path) -> N
         log.write("executed", allow(), {})  # not a second chain in another folder
     assert not os.path.exists(tmp_path / "b" / "audit.log")
     assert verify(tmp_path / "a" / "audit.log").count == 2
+
+
+def test_a_redacted_amount_cannot_be_worked_out_from_the_totals(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    engine = PolicyEngine(
+        policy_store=InMemoryPolicyStore.from_yaml(
+            """
+            billing.pay:
+              policies:
+                - {type: deterministic, dimension: paid, param: amount, operator: lte,
+                   value: 100, breach_verdict: BLOCK}
+                - {type: deterministic, dimension: payments, operator: lte, value: 99,
+                   breach_verdict: BLOCK}
+            """
+        ),
+        state_store="memory://",
+        audit_logger=AuditLog(JsonlSink(path), redact=["amount"]),
+    )
+    engine.execute_sync("billing.pay", "a", {"amount": Decimal("37.25")}, lambda: None)
+    engine.execute_sync(
+        "billing.pay", "a", {"amount": Decimal("1.500000000000000000000")}, lambda: None
+    )
+    with pytest.raises(BlockedError):
+        engine.execute_sync("billing.pay", "a", {"amount": Decimal("88.5")}, lambda: None)
+    text = path.read_text()
+    for secret in ("37.25", "1.5", "88.5", "38.75", "127.25"):
+        assert secret not in text, secret
+    executed = next(r for r in map(json.loads, text.splitlines()) if r["event"] == "executed")
+    paid, calls = executed["extra"]["state"]
+    assert (paid["param"], paid["before"], paid["after"]) == ("amount", "[redacted]", "[redacted]")
+    assert (calls["param"], calls["before"], calls["after"]) == (None, "0", "1")  # not secret
+    assert verify(path).ok
+
+
+def test_a_redacted_value_no_decimal_can_hold_is_still_redacted() -> None:
+    sink = MemorySink()
+    log = AuditLog(sink, redact=["note"])
+    log.write("blocked", allow(), {"note": "1e1000000", "other": "x"})
+    assert sink.records[0].params == {"note": "[redacted]", "other": "x"}

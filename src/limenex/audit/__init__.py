@@ -378,11 +378,17 @@ class AuditRecord:
         return self._line or canonical_json(self.to_dict())
 
 
-StateChange = tuple[Sequence[Any], Sequence[Decimal]]
-"""``(checks, observed)``: the state checks of a call and each one's total before it."""
+StateChange = (
+    tuple[Sequence[Any], Sequence[Decimal]] | tuple[Sequence[Any], Sequence[Decimal], Sequence[Any]]
+)
+"""``(checks, observed[, steps])``: the state checks of a call, each one's total before it,
+and the skill's compiled steps (which name the param each counter adds)."""
 
 
-def _state_entries(checks: Sequence[Any], observed: Sequence[Decimal]) -> list[dict[str, Any]]:
+def _state_entries(
+    checks: Sequence[Any], observed: Sequence[Decimal], steps: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """One entry per counter the call moved; ``param``: the param it adds (``None``: calls)."""
     entries: list[dict[str, Any]] = []
     seen: set[Any] = set()
     for check, before in zip(checks, observed, strict=True):
@@ -396,6 +402,7 @@ def _state_entries(checks: Sequence[Any], observed: Sequence[Decimal]) -> list[d
                 "scope": scope,
                 "subject": subject,
                 "window": window or None,
+                "param": getattr(steps[check.policy_index], "param", None) if steps else None,
                 "before": format(before, "f"),
                 "after": format(before + check.amount, "f"),
             }
@@ -464,15 +471,19 @@ class Redactor:
             params = _redact(params, path, secrets)
         if params is record.params:
             return record
+        # The breached policy read a redacted param: its observed and projected values tell it
+        # (a per-call value is the param; a total's projected minus observed is the param).
+        hidden = isinstance(record.policy, dict) and record.policy.get("param") in self.fields
+        if hidden:
+            secrets.update(v for v in (record.observed, record.projected) if v is not None)
         forms = {form for text in secrets for form in _spellings(text)}
         forms.discard("")
-        # The breached policy read a redacted param: its observed and projected values are it.
-        hidden = isinstance(record.policy, dict) and record.policy.get("param") in self.fields
         observed = REDACTED if hidden and record.observed is not None else record.observed
         projected = REDACTED if hidden and record.projected is not None else record.projected
+        extra = _hide_counters(record.extra, self.fields)
         if not forms:
             return dataclasses.replace(
-                record, params=params, observed=observed, projected=projected
+                record, params=params, observed=observed, projected=projected, extra=extra
             )
         pattern = re.compile(
             "|".join(
@@ -485,7 +496,7 @@ class Redactor:
             observed=observed,
             projected=projected,
             reason=pattern.sub(REDACTED, record.reason),
-            extra=_scrub(record.extra, pattern),
+            extra=_scrub(extra, pattern),
         )
 
     def __repr__(self) -> str:
@@ -527,7 +538,8 @@ def _leaves(value: Any, found: set[str]) -> None:
 
 def _spellings(text: str) -> set[str]:
     """The ways a value's text can be quoted in a reason or a subject: as is, escaped by
-    ``repr`` or JSON, and a number in each form a decimal prints."""
+    ``repr`` or JSON, and a number in each form a decimal prints (the engine's amounts have
+    at most 18 places)."""
     forms = {
         text,
         repr(text)[1:-1],
@@ -536,11 +548,31 @@ def _spellings(text: str) -> set[str]:
     }
     try:
         number = Decimal(text)
-    except ArithmeticError:
-        return forms
-    if number.is_finite():
-        forms |= {str(number), format(number, "f"), str(number.normalize())}
+        if number.is_finite() and abs(number.adjusted()) <= _MAX_DECIMAL_DIGITS:
+            forms |= {str(number), format(number, "f"), str(number.normalize())}
+            forms.add(format(number.quantize(_QUANTUM), "f"))
+    except ArithmeticError:  # not a number, or one no amount could be
+        pass
     return forms
+
+
+_QUANTUM = Decimal(1).scaleb(-18)
+
+
+def _hide_counters(extra: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """``extra`` with the totals of counters that add a redacted param hidden."""
+    state = extra.get("state")
+    if not isinstance(state, list) or not any(
+        isinstance(e, dict) and e.get("param") in fields for e in state
+    ):
+        return extra
+    hidden = [
+        {**e, "before": REDACTED, "after": REDACTED}
+        if isinstance(e, dict) and e.get("param") in fields
+        else e
+        for e in state
+    ]
+    return {**extra, "state": hidden}
 
 
 def _scrub(value: Any, pattern: re.Pattern[str]) -> Any:

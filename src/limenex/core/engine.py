@@ -322,7 +322,9 @@ class PolicyEngine:
                 plan.agent_id,
                 plan.params,
                 started,
-                None if reservation is None else (plan.checks, reservation.observed),
+                None
+                if reservation is None
+                else (plan.checks, reservation.observed, plan.skill.steps),
             )
         elif allowed is not None:
             self._after_action(plan, "executed", allowed, started, reservation)
@@ -420,7 +422,9 @@ class PolicyEngine:
                 plan.agent_id,
                 plan.params,
                 started,
-                None if reservation is None else (plan.checks, reservation.observed),
+                None
+                if reservation is None
+                else (plan.checks, reservation.observed, plan.skill.steps),
             )
         elif allowed is not None:
             self._after_action(plan, "executed", allowed, started, reservation)
@@ -1088,7 +1092,7 @@ class PolicyEngine:
         if reservation is None or not self._rich_audit:
             self._audit(event, allowed, plan.params, fail_closed=False, started=started)
         else:
-            state = (plan.checks, reservation.observed)
+            state = (plan.checks, reservation.observed, plan.skill.steps)
             self._audit(
                 event, allowed, plan.params, fail_closed=False, started=started, state=state
             )
