@@ -22,7 +22,7 @@ from limenex.core.state import Check, CounterKey
 from limenex.core.stores import LocalFileStateStore
 from limenex.skills.finance import make_spend
 from limenex.stores import from_url
-from servers import POSTGRES_URL, REDIS_URL, RUN
+from servers import store_url
 
 POLICY = """
 finance.spend:
@@ -34,17 +34,6 @@ finance.spend:
       value: 250
       breach_verdict: ESCALATE
 """
-
-
-def _store_url(kind: str, folder: Path) -> str:
-    """A store URL of ``kind`` that every process of one test shares, and no other test."""
-    if kind == "file":
-        return f"file://{folder}/state.json"
-    if kind == "sqlite":
-        return f"sqlite:///{folder}/state.db"
-    if kind == "redis":
-        return f"{REDIS_URL}?prefix={RUN}:processes:{folder.name}"
-    return f"{POSTGRES_URL}?schema={RUN}_processes_{folder.name.replace('-', '_')}"
 
 
 def _spend_worker(folder: str, url: str, worker: int, start: object) -> None:
@@ -97,7 +86,7 @@ def test_four_processes_sharing_a_store_execute_exactly_the_limit(
 ) -> None:
     """4 processes x (5 tasks + 3 threads) x 5 calls of $2.50 = 160 attempts for $250."""
     (tmp_path / "policies.yaml").write_text(POLICY)
-    url = _store_url(kind, tmp_path)
+    url = store_url(kind, tmp_path, "processes")
     context = multiprocessing.get_context("spawn")
     start = context.Event()
     workers = [

@@ -22,7 +22,7 @@ from limenex.core.policy_store import LocalFilePolicyStore
 from limenex.core.state import CounterKey
 from limenex.skills.finance import make_spend
 from limenex.stores import from_url
-from servers import POSTGRES_URL, REDIS_URL, RUN
+from servers import store_url
 
 POLICY = """
 finance.spend:
@@ -34,16 +34,6 @@ finance.spend:
       value: 250
       breach_verdict: ESCALATE
 """
-
-
-def _url(kind: str, folder: Path) -> str:
-    if kind == "file":
-        return f"file://{folder}/state.json"
-    if kind == "sqlite":
-        return f"sqlite:///{folder}/state.db"
-    if kind == "redis":
-        return f"{REDIS_URL}?prefix={RUN}:resume:{folder.name}"
-    return f"{POSTGRES_URL}?schema={RUN}_resume_{folder.name.replace('-', '_')}"
 
 
 def _engine(folder: str, url: str) -> PolicyEngine:
@@ -90,7 +80,7 @@ def _resume(folder: str, url: str, request_id: str, start: Any, out: Any) -> Non
 @pytest.mark.parametrize("kind", ["file", "sqlite", "redis", "postgres"])
 def test_approved_in_another_process_after_a_restart_runs_once(kind: str, tmp_path: Path) -> None:
     (tmp_path / "policies.yaml").write_text(POLICY)
-    url = _url(kind, tmp_path)
+    url = store_url(kind, tmp_path, "resume")
     spawn = multiprocessing.get_context("spawn")
     out = spawn.Queue()
     escalating = spawn.Process(target=_escalate, args=(str(tmp_path), url, out))
