@@ -280,13 +280,7 @@ class PolicyEngine:
             if decision.verdict is Verdict.ESCALATE:
                 await self._aescalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
-        allowed = None
-        buffer = self._buffer
-        if buffer is not None:
-            if not buffer.admits():
-                self._before_action(plan, reservation, started)  # raises the BLOCK
-        elif self.audit_logger is not None:
-            allowed = self._before_action(plan, reservation, started)
+        allowed = self._admit(plan, reservation, started)
         if _approval is not None:  # last: a refusal above leaves the approval unspent
             try:
                 used = await self.approval_store.aconsume(
@@ -302,10 +296,7 @@ class PolicyEngine:
                 result = await result
         except Exception:
             await self._asettle(reservation, release=True)
-            if buffer is not None:
-                buffer.outcome("failed", plan.skill.skill_id, plan.agent_id, plan.params, started)
-            else:
-                self._after_action(plan, "failed", allowed, started, None)
+            self._after_action(plan, "failed", allowed, started, None)
             raise
         except BaseException:
             await self._asettle(reservation, release=False)
@@ -315,19 +306,7 @@ class PolicyEngine:
                 self._settle(reservation, release=False)
             else:
                 await self._asettle(reservation, release=False)
-        if buffer is not None:
-            buffer.outcome(
-                "executed",
-                plan.skill.skill_id,
-                plan.agent_id,
-                plan.params,
-                started,
-                None
-                if reservation is None
-                else (plan.checks, reservation.observed, plan.skill.steps),
-            )
-        elif allowed is not None:
-            self._after_action(plan, "executed", allowed, started, reservation)
+        self._after_action(plan, "executed", allowed, started, reservation)
         return result
 
     def execute_sync(
@@ -376,13 +355,7 @@ class PolicyEngine:
             if decision.verdict is Verdict.ESCALATE:
                 self._escalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
-        allowed = None
-        buffer = self._buffer
-        if buffer is not None:
-            if not buffer.admits():
-                self._before_action(plan, reservation, started)  # raises the BLOCK
-        elif self.audit_logger is not None:
-            allowed = self._before_action(plan, reservation, started)
+        allowed = self._admit(plan, reservation, started)
         if _approval is not None:  # last: a refusal above leaves the approval unspent
             try:
                 used = self.approval_store.consume(
@@ -398,10 +371,7 @@ class PolicyEngine:
                 result = self._await_elsewhere(result)  # resume_sync of an async executor
         except Exception:
             self._settle(reservation, release=True)
-            if buffer is not None:
-                buffer.outcome("failed", plan.skill.skill_id, plan.agent_id, plan.params, started)
-            else:
-                self._after_action(plan, "failed", allowed, started, None)
+            self._after_action(plan, "failed", allowed, started, None)
             raise
         except BaseException:
             self._settle(reservation, release=False)
@@ -415,19 +385,7 @@ class PolicyEngine:
                 "govern async executors with an async skill or an `async def` function"
             )
         self._settle(reservation, release=False)
-        if buffer is not None:
-            buffer.outcome(
-                "executed",
-                plan.skill.skill_id,
-                plan.agent_id,
-                plan.params,
-                started,
-                None
-                if reservation is None
-                else (plan.checks, reservation.observed, plan.skill.steps),
-            )
-        elif allowed is not None:
-            self._after_action(plan, "executed", allowed, started, reservation)
+        self._after_action(plan, "executed", allowed, started, reservation)
         return result
 
     def governed(
@@ -1068,6 +1026,23 @@ class PolicyEngine:
             approved_by=request.decided_by,
         )
 
+    def _admit(
+        self, plan: Plan, reservation: Reservation | None, started: float | None
+    ) -> Decision | None:
+        """Let the action run, or BLOCK it (releasing ``reservation``) when the audit fails.
+
+        The buffered log only needs to admit the call: its outcome record carries the ALLOW.
+        Other hooks get an ``allowed`` record, which is returned for the outcome's.
+        """
+        buffer = self._buffer
+        if buffer is not None:
+            if not buffer.admits():
+                self._before_action(plan, reservation, started)  # raises the BLOCK
+            return None
+        if self.audit_logger is None:
+            return None
+        return self._before_action(plan, reservation, started)
+
     def _before_action(
         self, plan: Plan, reservation: Reservation | None, started: float | None
     ) -> Decision:
@@ -1087,15 +1062,18 @@ class PolicyEngine:
         started: float | None,
         reservation: Reservation | None,
     ) -> None:
-        if allowed is None:
-            return
-        if reservation is None or not self._rich_audit:
-            self._audit(event, allowed, plan.params, fail_closed=False, started=started)
-        else:
-            state = (plan.checks, reservation.observed, plan.skill.steps)
-            self._audit(
-                event, allowed, plan.params, fail_closed=False, started=started, state=state
-            )
+        """Record an allowed call's outcome (``executed`` or ``failed``); never raises."""
+        buffer = self._buffer
+        if buffer is None and allowed is None:
+            return  # no audit
+        state = (
+            None if reservation is None else (plan.checks, reservation.observed, plan.skill.steps)
+        )
+        if buffer is not None:
+            buffer.outcome(event, plan.skill.skill_id, plan.agent_id, plan.params, started, state)
+        elif allowed is not None:
+            extra = {"state": state} if state is not None else {}
+            self._audit(event, allowed, plan.params, fail_closed=False, started=started, **extra)
 
     def _audit(
         self,
