@@ -47,7 +47,6 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from limenex.approvals.request import (
@@ -60,6 +59,7 @@ from limenex.approvals.request import (
 )
 from limenex.approvals.store import BlockingApprovalStore
 from limenex.core.errors import CorruptStateError, LimenexConfigError, LimenexError
+from limenex.stores.postgres import parse_dsn
 
 __all__ = ["PostgresApprovalStore"]
 
@@ -159,16 +159,7 @@ class PostgresApprovalStore(BlockingApprovalStore):
             raise LimenexConfigError(
                 f"max_connections must be a positive integer, got {max_connections!r}"
             )
-        if not isinstance(dsn, str):
-            raise LimenexConfigError(
-                f"the PostgreSQL DSN must be a string, got {type(dsn).__name__}"
-            )
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.Error:  # its message may quote the DSN, password included
-            raise LimenexConfigError(
-                "invalid PostgreSQL DSN: write postgresql://user@host:5432/database"
-            ) from None
+        params = parse_dsn(dsn)
         self.dsn = dsn
         self.schema = schema
         self.connect_timeout = float(connect_timeout)

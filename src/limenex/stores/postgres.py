@@ -1091,6 +1091,18 @@ def _reason(exc: BaseException) -> str:
 # --- the store ------------------------------------------------------------------------------
 
 
+def parse_dsn(dsn: object) -> dict[str, Any]:
+    """The connection parameters of a DSN; a bad one is a clear, password-free config error."""
+    if not isinstance(dsn, str):
+        raise LimenexConfigError(f"the PostgreSQL DSN must be a string, got {type(dsn).__name__}")
+    try:
+        return dict(conninfo_to_dict(dsn))
+    except psycopg.Error:  # its message may quote the DSN, password included
+        raise LimenexConfigError(
+            "invalid PostgreSQL DSN: write postgresql://user@host:5432/database"
+        ) from None
+
+
 class PostgresStateStore(StateStore):
     """Totals in a PostgreSQL schema, shared by every process that uses it.
 
@@ -1130,16 +1142,7 @@ class PostgresStateStore(StateStore):
         self.schema = schema
         self.dsn = dsn  # for stores kept beside this one (approvals): same database and schema
         self._schema_checked = False  # migrate() ran once for this store: version and functions
-        if not isinstance(dsn, str):
-            raise LimenexConfigError(
-                f"the PostgreSQL DSN must be a string, got {type(dsn).__name__}"
-            )
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.Error:  # its message may quote the DSN, password included
-            raise LimenexConfigError(
-                "invalid PostgreSQL DSN: write postgresql://user@host:5432/database"
-            ) from None
+        params = parse_dsn(dsn)
         host = str(params.get("host") or params.get("hostaddr") or "localhost")
         self._settings = _Settings(
             dsn=dsn,
