@@ -23,6 +23,9 @@ The status machine::
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import contextvars
 import dataclasses
 import enum
 import hashlib
@@ -30,7 +33,7 @@ import json
 import math
 import secrets
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +57,8 @@ __all__ = [
     "new_request_id",
     "policies_digest",
     "request_from_decision",
+    "request_id_for",
+    "request_key",
     "to_row",
     "visible",
 ]
@@ -397,8 +402,39 @@ def policies_digest(policies: Iterable[Any]) -> str:
 
 
 def new_request_id() -> str:
-    """A fresh, unguessable request id: 128 random bits, URL-safe."""
-    return secrets.token_urlsafe(16)
+    """The id of a new request: 128 random bits, URL-safe, or the keyed id (see below)."""
+    key = _REQUEST_KEY.get()
+    return secrets.token_urlsafe(16) if key is None else request_id_for(key)
+
+
+_REQUEST_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "limenex_request_key", default=None
+)
+
+
+def request_id_for(key: str) -> str:
+    """The request id an escalation made under ``request_key(key)`` gets."""
+    digest = hashlib.sha256(b"limenex.request-key\0" + key.encode("utf-8")).digest()
+    return "k" + base64.urlsafe_b64encode(digest[:16]).decode("ascii").rstrip("=")
+
+
+@contextlib.contextmanager
+def request_key(key: str) -> Iterator[str]:
+    """Within this block, an escalation's request id is derived from ``key``; yields that id.
+
+    For integrations whose framework runs a tool again when it resumes (LangGraph re-runs
+    the node after ``interrupt``): keyed by the framework's tool call, the second run finds
+    the request the first one made instead of escalating again. The key must name one tool
+    call (thread, call id...). A second escalation under a key whose request exists is
+    refused by the store, so the call is BLOCKed: it never makes two requests.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidArgumentError("a request key must be a non-empty string", argument="key")
+    token = _REQUEST_KEY.set(key)
+    try:
+        yield request_id_for(key)
+    finally:
+        _REQUEST_KEY.reset(token)
 
 
 def request_from_decision(

@@ -73,6 +73,7 @@ from limenex.core.evaluation import (
     semantic_decision,
     state_decision,
 )
+from limenex.core.handle import SkillHandle
 from limenex.core.policy_store import LocalFilePolicyStore, PolicyStore
 from limenex.core.state import Reservation, StateBreach, StateStore
 from limenex.semantic import parse_answer
@@ -428,6 +429,9 @@ class PolicyEngine:
                         action_name=action_name,
                     )
 
+                governed_async.__limenex__ = SkillHandle(  # type: ignore[attr-defined]
+                    self, skill_id, governed_async, agent_id_param
+                )
                 return cast(Callable[P, R], governed_async)
 
             @functools.wraps(fn)
@@ -444,6 +448,9 @@ class PolicyEngine:
                     ),
                 )
 
+            governed_sync.__limenex__ = SkillHandle(  # type: ignore[attr-defined]
+                self, skill_id, governed_sync, agent_id_param
+            )
             return governed_sync
 
         return decorate

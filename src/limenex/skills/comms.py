@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from limenex.core.engine import PolicyEngine
+from limenex.core.handle import SkillHandle
 from limenex.skills import Executor, executor_lookup
 
 __all__ = ["make_send"]
@@ -36,4 +37,5 @@ def make_send(
         )
 
     send.skill_id = "comms.send"  # type: ignore[attr-defined]
+    send.__limenex__ = SkillHandle(engine, "comms.send", send)  # type: ignore[attr-defined]
     return send

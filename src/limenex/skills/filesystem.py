@@ -15,6 +15,7 @@ from typing import Any
 from limenex.core.engine import PolicyEngine
 from limenex.core.errors import InvalidArgumentError
 from limenex.core.evaluation import normalise_path
+from limenex.core.handle import SkillHandle
 
 __all__ = ["make_delete", "make_move", "make_write"]
 
@@ -76,6 +77,7 @@ def make_write(
         )
 
     write.skill_id = "filesystem.write"  # type: ignore[attr-defined]
+    write.__limenex__ = SkillHandle(engine, "filesystem.write", write)  # type: ignore[attr-defined]
     return write
 
 
@@ -101,6 +103,7 @@ def make_delete(
         )
 
     delete.skill_id = "filesystem.delete"  # type: ignore[attr-defined]
+    delete.__limenex__ = SkillHandle(engine, "filesystem.delete", delete)  # type: ignore[attr-defined]
     return delete
 
 
@@ -132,4 +135,5 @@ def make_move(
         )
 
     move.skill_id = "filesystem.move"  # type: ignore[attr-defined]
+    move.__limenex__ = SkillHandle(engine, "filesystem.move", move)  # type: ignore[attr-defined]
     return move

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from limenex.core.engine import PolicyEngine
+from limenex.core.handle import SkillHandle
 from limenex.skills import Executor, executor_lookup
 
 __all__ = ["make_charge", "make_spend"]
@@ -43,6 +44,7 @@ def make_spend(
         )
 
     spend.skill_id = "finance.spend"  # type: ignore[attr-defined]
+    spend.__limenex__ = SkillHandle(engine, "finance.spend", spend)  # type: ignore[attr-defined]
     return spend
 
 
@@ -79,4 +81,5 @@ def make_charge(
         )
 
     charge.skill_id = "finance.charge"  # type: ignore[attr-defined]
+    charge.__limenex__ = SkillHandle(engine, "finance.charge", charge)  # type: ignore[attr-defined]
     return charge

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from limenex.core.engine import PolicyEngine
+from limenex.core.handle import SkillHandle
 from limenex.skills import Executor, executor_lookup
 
 __all__ = ["make_post"]
@@ -32,4 +33,5 @@ def make_post(
         )
 
     post.skill_id = "web.post"  # type: ignore[attr-defined]
+    post.__limenex__ = SkillHandle(engine, "web.post", post)  # type: ignore[attr-defined]
     return post
