@@ -1035,6 +1035,7 @@ class BufferedAuditLog:
         params: Mapping[str, Any],
         started: float | None,
         state: StateChange | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Queue the ``executed`` or ``failed`` record of an allowed call; never raises.
 
@@ -1043,8 +1044,9 @@ class BufferedAuditLog:
         log is failing or closed (it is written when the log recovers, or at exit).
         """
         latency = None if started is None else (time.perf_counter() - started) * 1000
+        details = extra or _NOTHING
         self._queue.append(
-            (event, (skill_id, agent_id), dict(params), time.time(), latency, state, _NOTHING)
+            (event, (skill_id, agent_id), dict(params), time.time(), latency, state, details)
         )
         if self._thread is None:
             self._start()

@@ -76,7 +76,7 @@ from limenex.core.evaluation import (
 from limenex.core.handle import SkillHandle
 from limenex.core.policy_store import LocalFilePolicyStore, PolicyStore
 from limenex.core.state import Reservation, StateBreach, StateStore
-from limenex.semantic import parse_answer
+from limenex.semantic import Judgement, parse_answer
 
 __all__ = [
     "AuditHook",
@@ -796,7 +796,7 @@ class PolicyEngine:
         for step in plan.semantic:
             if limit is not None and step.index >= limit:
                 break
-            why = await self._ask(plan, step.policy.rule)
+            why = await self._ask(plan, step.index, step.policy.rule)
             if why is not None:
                 return semantic_decision(plan, step, why)
         return decision
@@ -813,12 +813,21 @@ class PolicyEngine:
         except Exception as exc:  # the evaluator's loop thread itself broke
             return self._failure(plan.skill.skill_id, plan.agent_id, "semantic evaluation", exc)
 
-    async def _ask(self, plan: Plan, rule: str) -> str | None:
-        """``None`` when the evaluator allows; otherwise why the rule counts as breached."""
+    async def _ask(self, plan: Plan, index: int, rule: str) -> str | None:
+        """``None`` when the evaluator allows; otherwise why the rule counts as breached.
+
+        What was asked and answered goes to ``plan.judgements`` for the audit records.
+        """
+        entry: dict[str, Any] = {"policy_index": index, "rule": rule}
+        if plan.judgements is None:
+            plan.judgements = []
+        plan.judgements.append(entry)
         evaluator = self.llm_evaluator
         if evaluator is None:
+            entry["error"] = "no llm_evaluator is configured"
             return "no llm_evaluator is configured, so the rule cannot be checked"
         timeout = self.semantic_timeout
+        asked = perf_counter()
         try:
             intent = Intent(plan.skill.skill_id, plan.agent_id, plan.params)
             async with asyncio.timeout(timeout) as deadline:
@@ -831,15 +840,29 @@ class PolicyEngine:
             if deadline.expired():  # an evaluator that swallowed its cancellation
                 raise TimeoutError
             verdict, reason = parse_answer(answer)
-        except TimeoutError:
-            return f"the evaluator did not answer within {timeout:g} s"
+        except TimeoutError as exc:
+            failure: Exception = exc
+            why = f"the evaluator did not answer within {timeout:g} s"
         except EvaluatorError as exc:
-            return str(exc)
+            failure, why = exc, str(exc)
         except Exception as exc:
-            return f"the evaluator failed: {type(exc).__name__}: {exc}"
-        if verdict is Verdict.ALLOW:
-            return None
-        return reason or f"the evaluator answered {verdict.value}"
+            failure, why = exc, f"the evaluator failed: {type(exc).__name__}: {exc}"
+        else:
+            if isinstance(answer, Judgement):
+                entry.update(answer.details())
+            else:
+                entry.update(verdict=verdict.value, reason=reason)
+            entry.setdefault("latency_ms", round((perf_counter() - asked) * 1000, 3))
+            if verdict is Verdict.ALLOW:
+                return None
+            return reason or f"the evaluator answered {verdict.value}"
+        entry["error"] = why
+        for name in ("model", "raw", "latency_ms"):
+            found = getattr(failure, name, None)
+            if found is not None:
+                entry[name] = found
+        entry.setdefault("latency_ms", round((perf_counter() - asked) * 1000, 3))
+        return why
 
     def _background_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
@@ -915,7 +938,15 @@ class PolicyEngine:
         approval: ApprovalRequest | None = None,
     ) -> NoReturn:
         extra = {} if approval is None else {"request_id": approval.id}
-        self._audit("blocked", decision, plan.params, fail_closed=False, started=started, **extra)
+        self._audit(
+            "blocked",
+            decision,
+            plan.params,
+            fail_closed=False,
+            started=started,
+            **extra,
+            **_judged(plan),
+        )
         raise BlockedError(decision)
 
     def _new_request(
@@ -955,6 +986,7 @@ class PolicyEngine:
             started=started,
             request_id=request.id,
             **extra,
+            **_judged(plan),
         )
         return EscalationRequired(decision, request.id)
 
@@ -1031,6 +1063,7 @@ class PolicyEngine:
             started=started,
             request_id=request.id,
             approved_by=request.decided_by,
+            **_judged(plan),
         )
 
     def _admit(
@@ -1055,7 +1088,9 @@ class PolicyEngine:
     ) -> Decision:
         allowed = allow_decision(plan)
         try:
-            self._audit("allowed", allowed, plan.params, fail_closed=True, started=started)
+            self._audit(
+                "allowed", allowed, plan.params, fail_closed=True, started=started, **_judged(plan)
+            )
         except BlockedError:
             self._settle(reservation, release=True)
             raise
@@ -1077,10 +1112,26 @@ class PolicyEngine:
             None if reservation is None else (plan.checks, reservation.observed, plan.skill.steps)
         )
         if buffer is not None:
-            buffer.outcome(event, plan.skill.skill_id, plan.agent_id, plan.params, started, state)
+            buffer.outcome(
+                event,
+                plan.skill.skill_id,
+                plan.agent_id,
+                plan.params,
+                started,
+                state,
+                _judged(plan),
+            )
         elif allowed is not None:
             extra = {"state": state} if state is not None else {}
-            self._audit(event, allowed, plan.params, fail_closed=False, started=started, **extra)
+            self._audit(
+                event,
+                allowed,
+                plan.params,
+                fail_closed=False,
+                started=started,
+                **extra,
+                **_judged(plan),
+            )
 
     def _audit(
         self,
@@ -1112,12 +1163,18 @@ class PolicyEngine:
 
     def _fail(self, plan: Plan, what: str, exc: BaseException) -> BlockedError:
         decision = self._failure(plan.skill.skill_id, plan.agent_id, what, exc)
-        self._audit("blocked", decision, plan.params, fail_closed=False)
+        self._audit("blocked", decision, plan.params, fail_closed=False, **_judged(plan))
         return BlockedError(decision)
 
     @staticmethod
     def _failure(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
         return _failure_decision(skill_id, agent_id, what, exc)
+
+
+def _judged(plan: Plan) -> dict[str, Any]:
+    """The audit's ``semantic`` entry: what each semantic rule asked was answered."""
+    judgements = plan.judgements
+    return {} if judgements is None else {"semantic": judgements}
 
 
 class _Yield:

@@ -317,7 +317,7 @@ def check_agent_id(agent_id: object) -> str:
 class Plan:
     """Everything decided before state is touched, and what the store must check."""
 
-    __slots__ = ("agent_id", "breach", "checks", "params", "semantic", "skill")
+    __slots__ = ("agent_id", "breach", "checks", "judgements", "params", "semantic", "skill")
 
     def __init__(
         self,
@@ -334,6 +334,7 @@ class Plan:
         self.checks = checks
         self.semantic = semantic
         self.breach = breach  # the first stateless breach, if any
+        self.judgements: list[dict[str, Any]] | None = None  # what the semantic rules answered
 
 
 def plan_call(
