@@ -10,6 +10,7 @@ import click
 
 from limenex.cli.approvals import approvals
 from limenex.cli.audit import audit
+from limenex.cli.mcp_proxy import mcp_proxy
 from limenex.cli.serve import serve
 from limenex.cli.state import state
 from limenex.cli.validate import schema, validate
@@ -29,3 +30,4 @@ main.add_command(state)
 main.add_command(audit)
 main.add_command(approvals)
 main.add_command(serve)
+main.add_command(mcp_proxy)

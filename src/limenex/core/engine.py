@@ -684,15 +684,21 @@ class PolicyEngine:
         The default audit log is closed; one you passed is flushed and left open.
         """
         with self._loop_lock:
-            if self._loop_thread is not None:
-                self._loop_thread.stop()
-                self._loop_thread = None
+            thread, self._loop_thread = self._loop_thread, None
+        if thread is not None:
+            try:  # the store's connections made on the helper loop are closed on it
+                asyncio.run_coroutine_threadsafe(self.state_store.aclose(), thread.loop).result(
+                    timeout=10
+                )
+            except Exception:
+                log.warning("limenex: closing the state store on its helper loop failed")
+            thread.stop()
         try:
-            log = self.audit_logger
-            if self._owns_audit and isinstance(log, BufferedAuditLog):
-                log.close()
-            elif isinstance(log, BufferedAuditLog):
-                log.flush()  # yours to close: other engines may share it
+            audit = self.audit_logger
+            if self._owns_audit and isinstance(audit, BufferedAuditLog):
+                audit.close()
+            elif isinstance(audit, BufferedAuditLog):
+                audit.flush()  # yours to close: other engines may share it
         finally:
             if self._approval_store is not None:
                 self._approval_store.close()
