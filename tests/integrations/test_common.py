@@ -243,3 +243,47 @@ def test_tool_names_and_non_skills() -> None:
     assert tool_name("finance.spend") == "finance_spend"
     with pytest.raises(LimenexConfigError, match="not a governed skill"):
         handle_of(print)
+
+
+async def test_a_key_reused_for_other_arguments_never_picks_up_the_request(
+    engine: PolicyEngine,
+) -> None:
+    # A model chooses tool call ids: one reused for another call must not get the first
+    # call's pending request approved in its name.
+    spend, paid = _spend(engine)
+    handle = handle_of(spend)
+    await call(handle, "a", {"service": "openai", "amount_usd": 50})
+    asked = await call(handle, "a", {"service": "openai", "amount_usd": 40}, key="c2")
+    assert asked.verdict is Verdict.ESCALATE
+    for other_agent, arguments in [
+        ("a", {"service": "openai", "amount_usd": 1}),
+        ("a", {"service": "openai", "amount_usd": 40.0001}),
+        ("a", {"service": "openai"}),
+        ("b", {"service": "openai", "amount_usd": 40}),
+    ]:
+        reused = await call(handle, other_agent, arguments, key="c2")
+        assert reused.verdict is Verdict.BLOCK
+        assert "already used by another call" in reused.reason
+    same = await call(handle, "a", {"amount_usd": 40, "service": "openai"}, key="c2")
+    assert same.request_id == asked.request_id
+    request = await engine.approvals.get(asked.request_id or "")
+    assert request is not None
+    assert request.status is ApprovalStatus.PENDING
+    assert paid == [50]
+
+
+async def test_a_key_picks_up_a_governed_functions_request_with_its_defaults(
+    engine: PolicyEngine,
+) -> None:
+    @engine.governed("tools.deploy")
+    def deploy(agent_id: str, service: str, region: str = "eu") -> str:
+        return f"deployed {service} in {region}"
+
+    handle = handle_of(deploy)
+    asked = await call(handle, "a", {"service": "db"}, key="d")
+    assert (await call(handle, "a", {"service": "db"}, key="d")).request_id == asked.request_id
+    assert (await call(handle, "a", {"service": "db", "region": "eu"}, key="d")).request_id == (
+        asked.request_id
+    )
+    other = await call(handle, "a", {"service": "db", "region": "us"}, key="d")
+    assert other.verdict is Verdict.BLOCK

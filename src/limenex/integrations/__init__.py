@@ -16,6 +16,7 @@ request the first one made, and never escalates twice.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from limenex.approvals.request import (
     ApprovalRefused,
     ApprovalRequest,
     ApprovalStatus,
+    canonical_params,
     request_id_for,
     request_key,
 )
@@ -107,6 +109,14 @@ async def call(
     if key is not None:
         found = await handle.engine.approvals.get(request_id_for(key))
         if found is not None:
+            if not _same_call(handle, agent_id, arguments, found):
+                return Outcome(
+                    Verdict.BLOCK,
+                    reason=(
+                        f"this tool call's id was already used by another call (approval "
+                        f"request {found.id}, for other arguments); the call did not run"
+                    ),
+                )
             return _outcome_of(found)
         with request_key(key):
             return await _governed(handle, agent_id, arguments)
@@ -211,6 +221,39 @@ def _outcome_of(request: ApprovalRequest) -> Outcome:
         reason=f"approval request {request.id} is {status.value}; the action did not run",
         request=request,
     )
+
+
+def _same_call(
+    handle: SkillHandle, agent_id: str, arguments: Mapping[str, Any], request: ApprovalRequest
+) -> bool:
+    """Whether ``request`` was made for this very call: skill, agent and every argument.
+
+    A key names one tool call, but the model chooses tool call ids: one reused for other
+    arguments must never pick up (and get approved) the request of the first call. A param
+    the call leaves out must be one the skill fills in: the agent, or a default.
+    """
+    if request.skill_id != handle.skill_id or request.agent_id != agent_id:
+        return False
+    stored = request.params
+    try:
+        given = canonical_params(arguments)
+    except Exception:
+        return False
+    if any(name not in stored or stored[name] != value for name, value in given.items()):
+        return False
+    parameters = handle.signature.parameters
+    for name, value in stored.items():
+        if name in given or name == handle.agent_id_param:
+            continue
+        default = parameters[name].default if name in parameters else inspect.Parameter.empty
+        if default is inspect.Parameter.empty:
+            return False
+        try:
+            if canonical_params({name: default})[name] != value:
+                return False
+        except Exception:
+            return False
+    return True
 
 
 def _denied(request: ApprovalRequest) -> str:
