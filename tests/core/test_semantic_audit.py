@@ -134,3 +134,17 @@ def test_the_buffered_default_log_and_redaction_cover_the_model_answer(tmp_path:
     assert secret not in text
     assert sent == [secret]
     log.close()
+
+
+async def test_a_long_raw_answer_is_kept_to_its_first_8192_characters() -> None:
+    sink = MemorySink()
+    long = "x" * 10_000
+    engine = _engine(
+        ScriptedEvaluator([Judgement(Verdict.BLOCK, "rude", model="m", raw=long)]), AuditLog(sink)
+    )
+    _sent_list, registry = _sent()
+    send = make_send(engine, registry)
+    with pytest.raises(BlockedError):
+        await send(agent_id="a", channel="email", recipient="x@example.com", text="hi")
+    (record,) = [r for r in sink.records if r.event == "blocked"]
+    assert record.extra["semantic"][0]["raw"] == "x" * 8192 + "…[1808 more characters]"

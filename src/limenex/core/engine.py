@@ -856,6 +856,7 @@ class PolicyEngine:
         else:
             if isinstance(answer, Judgement):
                 entry.update(answer.details())
+                _cap_raw(entry)
             else:
                 entry.update(verdict=verdict.value, reason=reason)
             entry.setdefault("latency_ms", round((perf_counter() - asked) * 1000, 3))
@@ -867,6 +868,7 @@ class PolicyEngine:
             found = getattr(failure, name, None)
             if found is not None:
                 entry[name] = found
+        _cap_raw(entry)
         entry.setdefault("latency_ms", round((perf_counter() - asked) * 1000, 3))
         return why
 
@@ -1175,6 +1177,16 @@ class PolicyEngine:
     @staticmethod
     def _failure(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
         return _failure_decision(skill_id, agent_id, what, exc)
+
+
+_RAW_KEPT = 8192
+"""Characters of a model's raw answer an audit record keeps (a model may answer at length)."""
+
+
+def _cap_raw(entry: dict[str, Any]) -> None:
+    raw = entry.get("raw")
+    if isinstance(raw, str) and len(raw) > _RAW_KEPT:
+        entry["raw"] = f"{raw[:_RAW_KEPT]}…[{len(raw) - _RAW_KEPT} more characters]"
 
 
 def _judged(plan: Plan) -> dict[str, Any]:
