@@ -17,10 +17,6 @@ Every call goes through the policy engine:
   the run pauses with a ``ToolApprovalItem`` in ``result.interruptions``
   (:func:`review` tells a human what the engine says about it). Then:
 
-  While the run is paused, the human's decision lives in the SDK's run state; the engine
-  holds no request yet (making one would mean running the call, which could run the action
-  if things had changed since the dry run).
-
   - ``state.approve(item)`` and ``Runner.run(agent, state)``: the tool runs the call
     through the engine under a key made from the SDK's tool call id
     (:func:`~limenex.approvals.request.request_key`). The engine escalates, keeping an
@@ -36,6 +32,10 @@ Every call goes through the policy engine:
   - ``state.reject(item)``: the SDK never calls the tool and the model reads the SDK's
     rejection message. The engine was never asked to make a request for the call, so there
     is none to deny: the rejection is kept by the SDK's run state, not by the engine.
+
+  While the run is paused, the human's decision lives in the SDK's run state; the engine
+  holds no request yet (making one would mean running the call, which could run the action
+  if things had changed since the dry run).
 
   The tool asks the SDK whether a human approved the call
   (``ToolContext.is_tool_approved``); only then does it approve the engine's request. A call
