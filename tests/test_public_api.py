@@ -26,6 +26,24 @@ def test_seed_import_paths_exist() -> None:
     from limenex.stores import from_url  # noqa: F401
 
 
+def test_adapter_and_integration_entry_points_exist() -> None:
+    from limenex.integrations import Outcome, call, decide, handle_of  # noqa: F401
+    from limenex.integrations.langgraph import governed_tools, send_tool_calls  # noqa: F401
+    from limenex.integrations.mcp import McpProxy, run_proxy  # noqa: F401
+    from limenex.integrations.openai_agents import governed_function_tools, review  # noqa: F401
+    from limenex.semantic import Judgement, SemanticError  # noqa: F401
+    from limenex.semantic.anthropic import AnthropicEvaluator  # noqa: F401
+    from limenex.semantic.openai import OpenAIEvaluator  # noqa: F401
+    from limenex.testing import ScriptedEvaluator  # noqa: F401
+
+
+def test_the_cli_has_every_named_command() -> None:
+    from limenex.cli import main
+
+    names = set(main.commands)  # type: ignore[attr-defined]
+    assert {"validate", "schema", "state", "approvals", "audit", "serve", "mcp-proxy"} <= names
+
+
 def test_package_all_lists_only_real_names() -> None:
     for name in limenex.__all__:
         assert hasattr(limenex, name), name
