@@ -291,6 +291,15 @@ async def test_a_second_escalate_on_resume_interrupts_again(
     state = await graph.ainvoke(Command(resume=APPROVE), CONFIG)
     assert [i.value["request_id"] for i in state["__interrupt__"]] == [second.value["request_id"]]
     assert paid == [250]
+    # A client re-sending its answer to the first interrupt, by id (LangGraph hands it to the
+    # call's next interrupt), or any answer that does not name the new request: refused.
+    for stale in ({first.id: APPROVE}, {second.id: APPROVE}, {**APPROVE, "note": "new"}):
+        with pytest.raises(ValidationError):
+            await graph.ainvoke(Command(resume=stale), CONFIG)
+    assert paid == [250]
+    pending = await engine.approvals.get(second.value["request_id"])
+    assert pending is not None
+    assert pending.status is ApprovalStatus.PENDING
     named = {**APPROVE, "request_id": second.value["request_id"]}
     state = await graph.ainvoke(Command(resume=named), CONFIG)
     assert "__interrupt__" not in state
@@ -364,7 +373,10 @@ async def test_answering_one_of_two_interrupts_runs_only_that_one(
     assert again.id != pending[120].id
     assert "spend_usd" in again.value["reason"]
     assert sorted(paid) == [40, 150]
-    state = await graph.ainvoke(Command(resume={again.id: APPROVE}), CONFIG)
+    with pytest.raises(ValidationError):  # a second escalation's answer names its request
+        await graph.ainvoke(Command(resume={again.id: APPROVE}), CONFIG)
+    named = {**APPROVE, "request_id": again.value["request_id"]}
+    state = await graph.ainvoke(Command(resume={again.id: named}), CONFIG)
     assert "__interrupt__" not in state
     assert sorted(paid) == [40, 120, 150]
     assert by_call(state)["call-0-2"].content == "paid $120"

@@ -13,7 +13,8 @@ integration sets: a model cannot choose whom it acts as, and unknown arguments a
   (``request_id``, ``skill``, ``agent_id``, ``params``, ``reason``, ``expires_at``). Resume
   with ``Command(resume={"decision": "approve" | "deny", "approver": NAME, "note": TEXT})``:
   approve runs the action exactly once (every BLOCK policy still applies; a further
-  ESCALATE interrupts again), deny gives the model a refusal. The approval lives in the
+  ESCALATE interrupts again, and its answer must name its ``request_id``), deny gives the
+  model a refusal. The approval lives in the
   engine's approval store, so a human may also approve from another process
   (``engine.approvals.approve``) before the graph is resumed.
 
@@ -275,8 +276,11 @@ def _ask(payload: dict[str, Any], index: int) -> dict[str, Any]:
 
     The answer may name the ``request_id`` it answers; one naming another request is refused
     like a malformed one (LangGraph raises, records nothing, and the request stays pending).
+    From the call's second escalation on (``index`` > 0) it *must* name it: LangGraph hands
+    an answer keyed by the call's first interrupt id to its next interrupt, so a client
+    re-sending its first answer would otherwise approve a request no human has seen.
     """
-    schema = _answer_schema(payload["request_id"])
+    schema = _answer_schema(payload["request_id"], required=index > 0)
     _drop_stale_answer(index)
     if _HAS_RESPONSE_SCHEMA:  # LangGraph checks the answer and never hands a bad one to a model
         answer = interrupt(payload, response_schema=schema)
@@ -285,11 +289,12 @@ def _ask(payload: dict[str, Any], index: int) -> dict[str, Any]:
     return answer.model_dump(exclude={"request_id"}, exclude_none=True)
 
 
-def _answer_schema(request_id: str) -> type[ApprovalAnswer]:
-    """:class:`ApprovalAnswer` whose ``request_id``, when given, must be ``request_id``."""
+def _answer_schema(request_id: str, *, required: bool) -> type[ApprovalAnswer]:
+    """:class:`ApprovalAnswer` whose ``request_id`` must be ``request_id`` (or absent)."""
     only: Any = Literal.__getitem__(request_id)  # Literal[<this request's id>]
+    field = (only, ...) if required else (only | None, None)
     schema: type[ApprovalAnswer] = create_model(
-        "ApprovalAnswer", __base__=ApprovalAnswer, request_id=(only | None, None)
+        "ApprovalAnswer", __base__=ApprovalAnswer, request_id=field
     )
     return schema
 
