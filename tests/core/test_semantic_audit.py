@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,19 @@ async def test_a_long_raw_answer_is_kept_to_its_first_8192_characters() -> None:
         await send(agent_id="a", channel="email", recipient="x@example.com", text="hi")
     (record,) = [r for r in sink.records if r.event == "blocked"]
     assert record.extra["semantic"][0]["raw"] == "x" * 8192 + "…[1808 more characters]"
+
+
+async def test_a_redacted_bytes_param_is_scrubbed_from_what_the_model_said() -> None:
+    # The evaluator is shown bytes decoded; the audit records them as their str().
+    sink = MemorySink()
+    evaluator = ScriptedEvaluator(
+        [Judgement(Verdict.BLOCK, "it holds the password hunter2", raw='{"why": "hunter2"}')]
+    )
+    engine = _engine(evaluator, AuditLog(sink, redact=["text"]))
+    _sent_list, registry = _sent()
+    send = make_send(engine, registry)
+    with pytest.raises(BlockedError):
+        await send(agent_id="a", channel="email", recipient="x@example.com", text=b"hunter2")
+    (record,) = [r for r in sink.records if r.event == "blocked"]
+    assert "hunter2" not in json.dumps(record.to_dict())
+    assert record.params["text"] == "[redacted]"

@@ -28,6 +28,7 @@ Keep :attr:`VerifyResult.head` (the last hash) somewhere the agent cannot write 
 
 from __future__ import annotations
 
+import ast
 import atexit
 import collections
 import contextlib
@@ -546,6 +547,13 @@ def _spellings(text: str) -> set[str]:
         json.dumps(text)[1:-1],
         json.dumps(text, ensure_ascii=False)[1:-1],
     }
+    if text[:2] in ("b'", 'b"') and len(text) > 2 and text[-1] == text[1]:
+        # bytes, recorded as their str(): a semantic evaluator is shown them decoded
+        with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+            raw = ast.literal_eval(text)
+            if isinstance(raw, bytes):
+                decoded = raw.decode("utf-8", "replace")
+                forms |= {decoded, json.dumps(decoded)[1:-1], repr(decoded)[1:-1]}
     try:
         number = Decimal(text)
         if number.is_finite() and abs(number.adjusted()) <= _MAX_DECIMAL_DIGITS:
