@@ -9,6 +9,8 @@ it — the deadline, the cache, the parsing, turning every failure into a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import dataclasses
 import json
 import math
@@ -30,6 +32,7 @@ __all__ = [
     "instructions",
     "parse_object",
     "parse_text",
+    "run_blocking",
     "user_message",
 ]
 
@@ -314,6 +317,31 @@ class Adapter:
     def __repr__(self) -> str:
         cache = "" if self.cache is None else f", cache_ttl={self.cache.ttl:g}"
         return f"{type(self).__name__}(model={self.model!r}, timeout={self.timeout:g}{cache})"
+
+
+_BLOCKING_WORKERS: Final = 8
+_blocking_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_blocking_lock = threading.Lock()
+
+
+async def run_blocking(call: Callable[[], Any]) -> Any:
+    """Run a sync SDK client's ``call`` on the adapters' own worker threads.
+
+    A sync client cannot be stopped mid-call: an answer that outlives the adapter's timeout
+    (a server dripping its body) keeps its thread until the server lets go. On a pool of its
+    own, at most that many threads, such calls never starve the event loop's default pool,
+    which the engine and the stores use; past it, semantic calls wait and time out (the
+    breach verdict). The async clients have no such limit: their timeout ends the call.
+    """
+    global _blocking_pool
+    with _blocking_lock:
+        if _blocking_pool is None:
+            _blocking_pool = concurrent.futures.ThreadPoolExecutor(
+                _BLOCKING_WORKERS, thread_name_prefix="limenex-model"
+            )
+        pool = _blocking_pool
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(pool, context.run, call)
 
 
 def _since(started: float) -> float:

@@ -13,7 +13,6 @@ Needs ``pip install 'limenex[anthropic]'``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 
@@ -25,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised with the SDK hidden
         "limenex.semantic.anthropic needs the Anthropic SDK: pip install 'limenex[anthropic]'"
     ) from exc
 
-from limenex.semantic._adapter import ANSWER_NAME, ANSWER_SCHEMA, Adapter, Reply
+from limenex.semantic._adapter import ANSWER_NAME, ANSWER_SCHEMA, Adapter, Reply, run_blocking
 
 __all__ = ["AnthropicEvaluator"]
 
@@ -44,8 +43,9 @@ _CHOICE: ToolChoiceToolParam = {
 class AnthropicEvaluator(Adapter):
     """Judges semantic rules with ``model`` through ``client``'s Messages API.
 
-    ``client`` is an ``anthropic.AsyncAnthropic`` or a sync ``anthropic.Anthropic`` (run in a
-    worker thread). The rule goes in ``system``, the action only in the user message, as
+    ``client`` is an ``anthropic.AsyncAnthropic`` or a sync ``anthropic.Anthropic`` (run on
+    the adapters' own bounded worker threads; prefer the async client, whose timeout ends
+    the call). The rule goes in ``system``, the action only in the user message, as
     quoted JSON data; the model must answer by calling one forced tool whose input is
     ``{"verdict", "reason"}``, parsed strictly (``raw`` is that input as JSON text). Each
     call is bounded by ``timeout`` seconds and never retried; any failure raises
@@ -107,7 +107,7 @@ class AnthropicEvaluator(Adapter):
                     tool_choice=_CHOICE,
                 )
 
-            response = await asyncio.to_thread(create)
+            response = await run_blocking(create)
         return _reply(response)
 
 

@@ -14,7 +14,6 @@ Needs ``pip install 'limenex[openai]'``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 try:
@@ -26,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised with the SDK hidden
         "limenex.semantic.openai needs the OpenAI SDK: pip install 'limenex[openai]'"
     ) from exc
 
-from limenex.semantic._adapter import ANSWER_NAME, ANSWER_SCHEMA, Adapter, Reply
+from limenex.semantic._adapter import ANSWER_NAME, ANSWER_SCHEMA, Adapter, Reply, run_blocking
 
 __all__ = ["OpenAIEvaluator"]
 
@@ -39,8 +38,9 @@ _FORMAT: ResponseFormatJSONSchema = {
 class OpenAIEvaluator(Adapter):
     """Judges semantic rules with ``model`` through ``client``'s Chat Completions API.
 
-    ``client`` is an ``openai.AsyncOpenAI`` or a sync ``openai.OpenAI`` (run in a worker
-    thread). The rule goes in the system message, the action only in the user message, as
+    ``client`` is an ``openai.AsyncOpenAI`` or a sync ``openai.OpenAI`` (run on
+    the adapters' own bounded worker threads; prefer the async client, whose timeout ends
+    the call). The rule goes in the system message, the action only in the user message, as
     quoted JSON data; the answer is asked for as strict JSON schema output and parsed
     strictly. Each call is bounded by ``timeout`` seconds and never retried; any failure
     raises :class:`~limenex.semantic.SemanticError`, which the engine turns into the
@@ -88,7 +88,7 @@ class OpenAIEvaluator(Adapter):
             def create() -> ChatCompletion:
                 return sync.create(model=self.model, messages=messages, response_format=_FORMAT)
 
-            response = await asyncio.to_thread(create)
+            response = await run_blocking(create)
         return _reply(response)
 
 
