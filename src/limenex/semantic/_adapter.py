@@ -92,7 +92,16 @@ def user_message(intent: str) -> str:
         data = json.dumps(data, ensure_ascii=False)
     if "\n" in data or "\r" in data:  # JSON with pretty-printing: make it one line
         data = json.dumps(json.loads(data), ensure_ascii=False, sort_keys=True)
+    # Other line breaks (U+2028, U+0085, \v...) are legal raw inside JSON strings: escape
+    # them too, so that no reader sees the data end before the end marker.
+    data = data.translate(_LINE_BREAKS)
     return f"Judge this action against the rule.\n{_BEGIN}\n{data}\n{_END}"
+
+
+_LINE_BREAKS: Final = {
+    ord(c): f"\\u{ord(c):04x}" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+}
+"""What ``str.splitlines`` breaks at besides ``\\n`` and ``\\r``, as JSON escapes."""
 
 
 # --- strict parsing -------------------------------------------------------------------------

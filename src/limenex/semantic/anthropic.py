@@ -125,6 +125,9 @@ def _reply(response: Message) -> Reply:
             raw, model, problem=f"the model did not call the {ANSWER_NAME} tool once: {names}"
         )
     raw = json.dumps(calls[0].input, ensure_ascii=False)
+    if not isinstance(calls[0].input, dict):  # the tool's input is an object, nothing else
+        kind = type(calls[0].input).__name__
+        return Reply(raw, model, problem=f"the tool input is a {kind}, not an object")
     if response.stop_reason == "max_tokens":
         return Reply(raw, model, problem="the answer was cut off (max_tokens)")
     return Reply(raw, model, answer=calls[0].input)
