@@ -98,9 +98,7 @@ def user_message(intent: str) -> str:
     return f"Judge this action against the rule.\n{_BEGIN}\n{data}\n{_END}"
 
 
-_LINE_BREAKS: Final = {
-    ord(c): f"\\u{ord(c):04x}" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"
-}
+_LINE_BREAKS: Final = {ord(c): f"\\u{ord(c):04x}" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 """What ``str.splitlines`` breaks at besides ``\\n`` and ``\\r``, as JSON escapes."""
 
 
