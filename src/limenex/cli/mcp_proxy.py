@@ -10,7 +10,9 @@ the policy file; the audit log beside the state, as for every engine.
 
 Exit codes: 0 when the client closed the connection; 1 an invalid policy file, a state
 store that cannot be opened, or an upstream that cannot be started (a message on stderr);
-2 a usage error, or the MCP SDK missing.
+2 a usage error, or the MCP SDK missing; 143 (128 + 15) after SIGTERM and 130 (128 + 2) after
+SIGINT, once the upstream was stopped (its stdin closed, then SIGTERM and SIGKILL if it
+lingers: the MCP SDK's shutdown).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,7 +100,7 @@ def mcp_proxy(
     approval request id), a tool without an entry in the policy file, or arguments that do
     not fit are answered with a tool error, and never reach the upstream. After a human
     approves a request (`limenex approvals approve ID --by NAME`), the same call made again
-    runs once. Closing stdin stops the proxy and the upstream.
+    runs once. Closing stdin, SIGTERM or SIGINT stops the proxy and the upstream.
     """
     try:
         import anyio
@@ -132,16 +135,29 @@ def mcp_proxy(
             f"for agent {agent_id!r}; serving on stdio"
         )
 
+    stopped_by: list[int] = []
+
     async def main() -> None:
-        await proxy_module.run_proxy(
-            engine,
-            list(command),
-            agent_id=agent_id,
-            prefix=prefix,
-            approve_hint=_approve_hint(state, Path(policies)),
-            env=os.environ,
-            on_ready=ready,
-        )
+        async with anyio.create_task_group() as group:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        stopped_by.append(signum)
+                        group.cancel_scope.cancel()  # leaving run_proxy stops the upstream
+                        return
+
+            group.start_soon(stop_on_signal)
+            await proxy_module.run_proxy(
+                engine,
+                list(command),
+                agent_id=agent_id,
+                prefix=prefix,
+                approve_hint=_approve_hint(state, Path(policies)),
+                env=os.environ,
+                on_ready=ready,
+            )
+            group.cancel_scope.cancel()
 
     status = 0
     try:
@@ -151,9 +167,12 @@ def mcp_proxy(
             _say(str(leaf))
         status = 1
     except* KeyboardInterrupt:
-        status = 130
+        status = 128 + signal.SIGINT
     finally:
         with contextlib.suppress(Exception):
             engine.close()
+    if stopped_by and not status:
+        _say(f"stopped by {signal.Signals(stopped_by[0]).name}; the upstream was stopped")
+        status = 128 + stopped_by[0]
     if status:
         sys.exit(status)

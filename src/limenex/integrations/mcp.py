@@ -22,6 +22,10 @@ with the call's arguments as its params:
   still applies); denied, the denial is reported (once per proxy process; the call made
   again after that asks a human anew); used or expired, the next generation is evaluated
   anew.
+* **Tool names**: a tool whose skill id the policy file cannot hold (it accepts ASCII
+  letters, digits and ``_ . : / -``: ``pay-now`` and ``a/b`` are governed as ``mcp.pay-now``
+  and ``mcp.a/b``; ``名前`` or ``with space`` cannot be) is refused, saying so.
+* **Arguments** that are not a JSON object, or nested too deeply to be checked, are refused.
 * **Fail closed**: a state or approval store that fails blocks the call (the engine does
   this); an upstream that has gone away fails every call with a tool error.
 
@@ -39,10 +43,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from limenex.approvals.request import (
     ApprovalRefused,
@@ -62,11 +68,14 @@ from limenex.core.errors import (
     LimenexError,
     UnregisteredSkillError,
 )
+from limenex.core.policy import SKILL_ID_PATTERN
 
 INSTALL_HINT = "the MCP proxy needs the MCP SDK: pip install 'limenex[mcp]'"
 
 try:
     import anyio
+    import anyio.from_thread
+    import anyio.lowlevel
     import mcp.types as types
     from mcp import ClientSession, StdioServerParameters, stdio_client
     from mcp.server.context import ServerRequestContext
@@ -94,6 +103,8 @@ DEFAULT_PREFIX = "mcp."
 DEFAULT_AGENT_ID = "mcp-client"
 ACTION_NAME = "limenex.mcp-proxy"
 """The action name the proxy's approval requests are kept under (see ``register_action``)."""
+_SKILL_ID_RULE = "ASCII letters, digits and _ . : / -, starting with a letter or digit"
+"""The skill ids a policy file accepts (:data:`~limenex.core.policy.SKILL_ID_PATTERN`)."""
 STARTUP_TIMEOUT = 60.0
 """Seconds the upstream has to answer the MCP handshake."""
 
@@ -267,7 +278,22 @@ class McpProxy:
     async def call(self, name: str, arguments: Mapping[str, Any] | None) -> types.CallToolResult:
         """Govern one call of tool ``name``: the upstream's result, or a refusal (isError)."""
         skill_id = self.prefix + name
-        args = dict(arguments or {})
+        if re.fullmatch(SKILL_ID_PATTERN, skill_id) is None:
+            return _error(
+                f"BLOCK: tool {visible(name)!r} cannot be governed: {visible(skill_id)!r} is "
+                f"not a valid skill id ({_SKILL_ID_RULE}), so no policy file can hold it and "
+                "the call was not forwarded. (Only an upstream that renames the tool, or "
+                "another --prefix, can make it callable.)"
+            )
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, Mapping):
+            return _error(
+                f"BLOCK: invalid argument 'arguments': the arguments of tool {visible(name)!r} "
+                f"must be a JSON object, not {type(arguments).__name__}. The call was not "
+                "forwarded."
+            )
+        args = dict(arguments)
         try:
             self.engine.skill(skill_id)
             tool = await self._tool(name)
@@ -294,6 +320,11 @@ class McpProxy:
             return _blocked(exc.decision.reason)
         except LimenexConfigError as exc:
             return _error(f"BLOCK: {visible(str(exc))} The call was not forwarded.")
+        except RecursionError:
+            return _error(
+                f"BLOCK: invalid argument 'arguments': the arguments of tool {visible(name)!r} "
+                "are nested too deeply to be checked. The call was not forwarded."
+            )
         lock = self._locks.setdefault(key, anyio.Lock())
         try:
             async with lock:  # one request per call chain: the same call, concurrently, waits
@@ -493,8 +524,11 @@ class McpProxy:
         policy_set = getattr(self.engine.policy_store, "policy_set", None)
         skills = set(getattr(policy_set, "skills", {}) or {})
         lines = [
-            f"tool {name!r} is ungoverned (no {self.prefix + name!r} in the policy file): "
-            "its calls will be refused"
+            f"tool {name!r} cannot be governed: {self.prefix + name!r} is not a valid skill "
+            f"id ({_SKILL_ID_RULE}), so its calls will be refused"
+            if re.fullmatch(SKILL_ID_PATTERN, self.prefix + name) is None
+            else f"tool {name!r} is ungoverned (no {self.prefix + name!r} in the policy "
+            "file): its calls will be refused"
             for name in sorted(names)
             if self.prefix + name not in skills
         ]
@@ -540,8 +574,46 @@ async def run_proxy(
         if streams is not None:
             await server.run(streams[0], streams[1], options)
             return
-        async with stdio_server() as (read, write):
+        async with _stdin_lines() as lines, stdio_server(stdin=cast(Any, lines)) as (read, write):
             await server.run(read, write, options)
+
+
+@contextlib.asynccontextmanager
+async def _stdin_lines() -> AsyncIterator[AsyncIterator[str]]:
+    """This process's stdin, line by line, read by a daemon thread.
+
+    The SDK reads stdin in a worker thread that a cancellation waits for: a proxy told to stop
+    (SIGTERM) while its client keeps stdin open would never get to stop the upstream, and
+    the process could not exit. This thread is left blocked on its read instead.
+    """
+    send, receive = anyio.create_memory_object_stream[str](16)
+    token = anyio.lowlevel.current_token()
+    fd = os.dup(sys.stdin.fileno())  # unbuffered: no lock left held at interpreter exit
+
+    def deliver(line: bytes) -> None:
+        anyio.from_thread.run(send.send, line.decode("utf-8", errors="replace"), token=token)
+
+    def pump() -> None:
+        try:
+            pending: list[bytes] = []
+            while chunk := os.read(fd, 1 << 16):
+                *lines, rest = chunk.split(b"\n")
+                for line in lines:
+                    deliver(b"".join([*pending, line]))
+                    pending = []
+                pending.append(rest)
+            if any(pending):
+                deliver(b"".join(pending))
+        except Exception as exc:  # the loop is gone, or stdin failed: the stream ends either way
+            log.debug("limenex mcp-proxy: stopped reading stdin: %r", exc)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(Exception):
+            anyio.from_thread.run_sync(send.close, token=token)
+
+    threading.Thread(target=pump, name="limenex-mcp-stdin", daemon=True).start()
+    with receive:
+        yield receive
 
 
 # --- results --------------------------------------------------------------------------------
