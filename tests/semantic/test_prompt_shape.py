@@ -25,11 +25,10 @@ def test_the_action_is_one_line_between_the_markers_whatever_its_text(text: str)
     assert json.loads(lines[2]) == json.loads(intent)
 
 
+@pytest.mark.parametrize("kind", ["anthropic", "anthropic-sync"], indirect=True)
 async def test_an_anthropic_tool_input_that_is_not_an_object_is_no_answer(
-    make_evaluator: MakeEvaluator, stub: StubServer, kind: str
+    make_evaluator: MakeEvaluator, stub: StubServer
 ) -> None:
-    if not kind.startswith("anthropic"):
-        pytest.skip("Anthropic answers through a tool")
     stub.answer(answer('{"verdict": "ALLOW", "reason": "a string"}'))
     evaluator = make_evaluator(timeout=5.0)
     with pytest.raises(SemanticError, match="not an object"):
