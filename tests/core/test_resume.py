@@ -7,6 +7,7 @@ next to the state, so what one engine escalates another engine on the same state
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -619,6 +620,26 @@ def test_resume_sync_runs_an_async_executor_to_its_end(make_engine: MakeEngine) 
     engine.approvals.approve_sync(request_id, approver="ops")
     assert engine.resume_sync(request_id) == "paid"
     assert paid == [30]
+
+
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="unset")
+
+
+def test_resume_sync_runs_an_async_executor_in_the_callers_context(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine(ESCALATE_OVER_20_BLOCK_AT_100)
+    seen: list[str] = []
+
+    async def pay(amount_usd: object) -> str:
+        seen.append(_CALLER.get())
+        return "paid"
+
+    request_id = asyncio.run(escalate(make_spend(engine, {"stripe": pay}), 30))
+    engine.approvals.approve_sync(request_id, approver="ops")
+    _CALLER.set("the resuming thread")
+    assert engine.resume_sync(request_id) == "paid"
+    assert seen == ["the resuming thread"]
 
 
 async def test_an_approved_cumulative_limit_counts_the_amount_past_it(

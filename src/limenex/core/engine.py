@@ -674,7 +674,14 @@ class PolicyEngine:
         return digest
 
     def _await_elsewhere(self, awaitable: Any) -> Any:
-        """Run ``awaitable`` to its end on the helper loop thread (for :meth:`resume_sync`)."""
+        """Run ``awaitable`` to its end on the helper loop thread, from synchronous code.
+
+        It runs in a copy of the caller's context (``call_soon_threadsafe`` takes it along),
+        so context variables the caller set (a framework's config, a request key) are seen.
+        Used by :meth:`resume_sync` for an async executor, and by integrations whose sync
+        tools call async skills: on the engine's one helper loop, a store's per-loop
+        connections are made once.
+        """
         loop = self._background_loop()
         return asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop).result()
 
@@ -1189,10 +1196,13 @@ def _cap_raw(entry: dict[str, Any]) -> None:
         entry["raw"] = f"{raw[:_RAW_KEPT]}…[{len(raw) - _RAW_KEPT} more characters]"
 
 
+_NOT_JUDGED: dict[str, Any] = {}  # never written to: only ever unpacked or read
+
+
 def _judged(plan: Plan) -> dict[str, Any]:
     """The audit's ``semantic`` entry: what each semantic rule asked was answered."""
     judgements = plan.judgements
-    return {} if judgements is None else {"semantic": judgements}
+    return _NOT_JUDGED if judgements is None else {"semantic": judgements}
 
 
 class _Yield:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,9 +36,7 @@ class SkillHandle:
         self.skill_id = skill_id
         self.fn = fn
         self.agent_id_param = agent_id_param
-        self.is_async = inspect.iscoroutinefunction(inspect.unwrap(fn)) or (
-            inspect.iscoroutinefunction(fn)
-        )
+        self.is_async = inspect.iscoroutinefunction(fn)
         full = inspect.signature(fn)
         self.signature = full.replace(
             parameters=[p for name, p in full.parameters.items() if name != agent_id_param]
@@ -51,8 +47,7 @@ class SkillHandle:
         kwargs = {**arguments, self.agent_id_param: agent_id}
         if self.is_async:
             return await self.fn(**kwargs)
-        context = contextvars.copy_context()  # keeps a request key set around the call
-        return await asyncio.to_thread(context.run, functools.partial(self.fn, **kwargs))
+        return await asyncio.to_thread(self.fn, **kwargs)  # in this context: a request key
 
     def __repr__(self) -> str:
         return f"<SkillHandle {self.skill_id} ({self.fn.__qualname__})>"

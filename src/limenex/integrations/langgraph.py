@@ -64,13 +64,10 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextvars
 import inspect
 import logging
 import typing
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from langchain_core.messages import AIMessage, AnyMessage
@@ -128,7 +125,8 @@ class GovernedTool(BaseTool):
 
     def _run(self, config: RunnableConfig, **kwargs: Any) -> Any:
         kwargs.pop("run_manager", None)
-        return _run_coroutine(self.handle, lambda: self._govern(kwargs, config))
+        # On the engine's helper loop, in this call's context (LangGraph's config).
+        return self.handle.engine._await_elsewhere(self._govern(kwargs, config))
 
     async def _arun(self, config: RunnableConfig, **kwargs: Any) -> Any:
         kwargs.pop("run_manager", None)
@@ -330,36 +328,6 @@ def _finish(outcome: Outcome) -> Any:
     if outcome.verdict is Verdict.ALLOW:
         return outcome.result
     raise ToolException(outcome.refusal())
-
-
-def _run_coroutine(handle: SkillHandle, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run a coroutine from sync code, in the context (LangGraph's config) this call sees.
-
-    It runs on the engine's own event loop thread, the one its synchronous paths use, so a
-    store's connections (kept per event loop) are made once, not once per tool call.
-    """
-    context = contextvars.copy_context()
-    loop = handle.engine._background_loop()
-    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def finished(task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            done.cancel()
-        elif (error := task.exception()) is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(task.result())
-
-    def start() -> None:
-        try:
-            task = loop.create_task(make(), context=context)
-        except BaseException as exc:
-            done.set_exception(exc)
-            return
-        task.add_done_callback(finished)
-
-    loop.call_soon_threadsafe(start)
-    return done.result()
 
 
 def _args_schema(handle: SkillHandle, name: str, description: str) -> type[BaseModel]:
