@@ -31,6 +31,10 @@ class Decision:
     ``projected`` the value the condition was tested against and ``limit`` the policy's
     ``value``. ``fail_closed`` marks a BLOCK that comes from an internal failure rather
     than from a policy.
+
+    ``shadow`` holds what the skill's shadow-mode policies would have decided: the
+    decision of each one breached, in policy order (empty when none was).
+    :attr:`shadow_verdict` is the verdict the call would have got with them enforced.
     """
 
     __slots__ = (
@@ -42,6 +46,7 @@ class Decision:
         "policy_index",
         "projected",
         "reason",
+        "shadow",
         "skill_id",
         "verdict",
     )
@@ -56,6 +61,7 @@ class Decision:
     projected: Decimal | None
     limit: Decimal | None
     fail_closed: bool
+    shadow: tuple[Decision, ...]
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class Decision:
         projected: Decimal | None = None,
         limit: Decimal | None = None,
         fail_closed: bool = False,
+        shadow: tuple[Decision, ...] = (),
     ) -> None:
         # Slot descriptors write past the frozen __setattr__ below; this keeps creating a
         # Decision cheap on the hot path (a frozen dataclass costs ~1 µs here).
@@ -82,6 +89,7 @@ class Decision:
         _set_projected(self, projected)
         _set_limit(self, limit)
         _set_fail_closed(self, fail_closed)
+        _set_shadow(self, shadow)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Decision is immutable; cannot set {name!r}")
@@ -92,6 +100,22 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.verdict is Verdict.ALLOW
+
+    @property
+    def shadow_verdict(self) -> Verdict | None:
+        """The verdict with shadow policies enforced, when one of them was breached first."""
+        if not self.shadow:
+            return None
+        first = self.shadow[0]
+        if self.policy_index is not None and (first.policy_index or 0) > self.policy_index:
+            return None  # this decision's own policy comes first
+        return first.verdict
+
+    def with_shadow(self, shadow: tuple[Decision, ...]) -> Decision:
+        """This decision, carrying ``shadow``."""
+        values = [getattr(self, n) for n in _FIELDS]
+        values[-1] = shadow
+        return Decision(*values)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (decimals as strings, the policy as its YAML mapping)."""
@@ -106,6 +130,7 @@ class Decision:
             "projected": _dec(self.projected),
             "limit": _dec(self.limit),
             "fail_closed": self.fail_closed,
+            **({"shadow": [d.to_dict() for d in self.shadow]} if self.shadow else {}),
         }
 
     def __eq__(self, other: object) -> bool:
@@ -138,6 +163,7 @@ _FIELDS = (
     "projected",
     "limit",
     "fail_closed",
+    "shadow",
 )
 
 
@@ -157,6 +183,7 @@ _set_observed = _setter("observed")
 _set_projected = _setter("projected")
 _set_limit = _setter("limit")
 _set_fail_closed = _setter("fail_closed")
+_set_shadow = _setter("shadow")
 
 
 def _dec(value: Decimal | None) -> str | None:

@@ -13,13 +13,22 @@ import fnmatch
 import json
 import math
 import os
+import zoneinfo
 from collections.abc import Collection, Mapping
+from datetime import datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
 from limenex.core.decision import Decision, Verdict, allowed_decision
 from limenex.core.errors import InvalidArgumentError, LimenexConfigError
-from limenex.core.policy import DeterministicPolicy, Policy, SemanticPolicy, SkillPolicies
+from limenex.core.policy import (
+    WEEKDAYS,
+    DeterministicPolicy,
+    Policy,
+    SchedulePolicy,
+    SemanticPolicy,
+    SkillPolicies,
+)
 from limenex.core.state import EXACT, OPERATORS, Check, CounterKey, StateBreach
 from limenex.core.window import Window
 
@@ -28,8 +37,10 @@ __all__ = [
     "Intent",
     "Plan",
     "compile_skill",
+    "describe_counter",
     "first_state_breach",
     "plan_call",
+    "shadow_state",
     "to_decimal",
 ]
 
@@ -45,11 +56,12 @@ _ONE = Decimal(1)
 
 
 class _PerCall:
-    __slots__ = ("index", "limit", "op", "param", "policy", "test")
+    __slots__ = ("index", "limit", "op", "param", "policy", "shadow", "test")
 
-    def __init__(self, index: int, policy: DeterministicPolicy) -> None:
+    def __init__(self, index: int, policy: DeterministicPolicy, shadow: bool) -> None:
         self.index = index
         self.policy = policy
+        self.shadow = shadow
         self.param = policy.param
         self.op = policy.operator
         self.test = OPERATORS[policy.operator]
@@ -57,11 +69,12 @@ class _PerCall:
 
 
 class _Set:
-    __slots__ = ("index", "match", "negate", "param", "patterns", "policy")
+    __slots__ = ("index", "match", "negate", "param", "patterns", "policy", "shadow")
 
-    def __init__(self, index: int, policy: DeterministicPolicy) -> None:
+    def __init__(self, index: int, policy: DeterministicPolicy, shadow: bool) -> None:
         self.index = index
         self.policy = policy
+        self.shadow = shadow
         self.param = policy.param
         self.negate = policy.operator == "not_in"
         self.match = policy.match
@@ -95,13 +108,15 @@ class _Stateful:
         "policy",
         "scope",
         "scope_name",
+        "shadow",
         "window",
         "window_spec",
     )
 
-    def __init__(self, index: int, policy: DeterministicPolicy) -> None:
+    def __init__(self, index: int, policy: DeterministicPolicy, shadow: bool) -> None:
         self.index = index
         self.policy = policy
+        self.shadow = shadow
         self.param = policy.param  # None: a call counter
         self.dimension = policy.dimension
         self.op = policy.operator
@@ -123,15 +138,54 @@ class _Stateful:
 
 
 class _Semantic:
-    __slots__ = ("index", "policy", "verdict")
+    __slots__ = ("index", "policy", "shadow", "verdict")
 
-    def __init__(self, index: int, policy: SemanticPolicy) -> None:
+    def __init__(self, index: int, policy: SemanticPolicy, shadow: bool) -> None:
         self.index = index
         self.policy = policy
+        self.shadow = shadow
         self.verdict = policy.breach_verdict
 
 
-_Step = _PerCall | _Set | _Stateful | _Semantic
+class _Schedule:
+    __slots__ = ("days", "end", "index", "policy", "shadow", "start", "zone")
+
+    def __init__(self, index: int, policy: SchedulePolicy, shadow: bool) -> None:
+        self.index = index
+        self.policy = policy
+        self.shadow = shadow
+        start, end = policy.hours.split("-")
+        self.start, self.end = _minutes(start), _minutes(end)
+        self.days = frozenset(WEEKDAYS.index(day) for day in policy.days)
+        self.zone = zoneinfo.ZoneInfo(policy.timezone)
+
+    def local(self, now: float) -> datetime:
+        return datetime.fromtimestamp(now, self.zone)
+
+    def holds(self, moment: datetime) -> bool:
+        """Whether ``moment`` (local time) falls inside the schedule."""
+        minute, day = moment.hour * 60 + moment.minute, moment.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        # Past midnight: the late part belongs to the day the window opened on.
+        return (day in self.days and minute >= self.start) or (
+            (day - 1) % 7 in self.days and minute < self.end
+        )
+
+    def describe(self, moment: datetime) -> str:
+        days = ", ".join(self.policy.days)
+        return (
+            f"the call at {moment:%a %H:%M} {self.policy.timezone} is outside "
+            f"{self.policy.dimension} ({days} {self.policy.hours})"
+        )
+
+
+def _minutes(clock: str) -> int:
+    hours, minutes = clock.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+_Step = _PerCall | _Set | _Stateful | _Semantic | _Schedule
 
 
 def _required_value(policy: DeterministicPolicy) -> Decimal:
@@ -153,6 +207,7 @@ class CompiledSkill:
         "skill_id",
         "source",
         "steps",
+        "timed",
     )
 
     def __init__(self, skill_id: str, source: SkillPolicies) -> None:
@@ -165,18 +220,22 @@ class CompiledSkill:
         set_params: dict[str, None] = {}
         scope_params: dict[str, None] = {}
         for index, policy in enumerate(self.policies):
+            shadow = source.policy_mode(index) == "shadow"
             if isinstance(policy, SemanticPolicy):
-                steps.append(_Semantic(index, policy))
+                steps.append(_Semantic(index, policy, shadow))
+                continue
+            if isinstance(policy, SchedulePolicy):
+                steps.append(_Schedule(index, policy, shadow))
                 continue
             kind = policy.kind
             if kind == "set":
-                step: _Step = _Set(index, policy)
+                step: _Step = _Set(index, policy, shadow)
                 set_params[_param(policy)] = None
             elif kind == "per_call":
-                step = _PerCall(index, policy)
+                step = _PerCall(index, policy, shadow)
                 amount_params[_param(policy)] = None
             else:
-                step = _Stateful(index, policy)
+                step = _Stateful(index, policy, shadow)
                 if policy.param is not None:
                     amount_params[policy.param] = None
                     cumulative.add(policy.param)
@@ -185,6 +244,7 @@ class CompiledSkill:
                         scope_params[name] = None
             steps.append(step)
         self.steps: tuple[_Step, ...] = tuple(steps)
+        self.timed = any(type(step) is _Schedule for step in steps)  # plan_call needs `now`
         self.amount_params = tuple(amount_params)
         self.cumulative_params = frozenset(cumulative)
         self.set_params = tuple(set_params)
@@ -317,7 +377,17 @@ def check_agent_id(agent_id: object) -> str:
 class Plan:
     """Everything decided before state is touched, and what the store must check."""
 
-    __slots__ = ("agent_id", "breach", "checks", "judgements", "params", "semantic", "skill")
+    __slots__ = (
+        "agent_id",
+        "breach",
+        "checks",
+        "judgements",
+        "params",
+        "semantic",
+        "shadow",
+        "shadow_checks",
+        "skill",
+    )
 
     def __init__(
         self,
@@ -327,6 +397,8 @@ class Plan:
         checks: list[Check],
         semantic: list[_Semantic],
         breach: Decision | None,
+        shadow: list[Decision] | None = None,
+        shadow_checks: list[int] | None = None,
     ) -> None:
         self.skill = skill
         self.agent_id = agent_id
@@ -335,6 +407,20 @@ class Plan:
         self.semantic = semantic
         self.breach = breach  # the first stateless breach, if any
         self.judgements: list[dict[str, Any]] | None = None  # what the semantic rules answered
+        # Shadow policies: what they would have decided, and which checks are theirs.
+        self.shadow = shadow
+        self.shadow_checks = shadow_checks
+
+    def add_shadow(self, decision: Decision) -> None:
+        if self.shadow is None:
+            self.shadow = []
+        self.shadow.append(decision)
+
+    def shadow_breaches(self) -> tuple[Decision, ...]:
+        """The shadow policies' breaches so far, in policy order."""
+        if not self.shadow:
+            return ()
+        return tuple(sorted(self.shadow, key=lambda d: d.policy_index or 0))
 
 
 def plan_call(
@@ -343,11 +429,16 @@ def plan_call(
     params: Mapping[str, Any],
     *,
     waive: Collection[int] | None = None,
+    now: float = 0.0,
 ) -> Plan:
     """Check the arguments, then decide the stateless policies in order.
 
     Stops at the first stateless breach: later policies are irrelevant, so no check or
-    semantic rule after it is planned.
+    semantic rule after it is planned. ``now`` is the call's time (schedule policies).
+
+    A shadow policy never stops anything: a stateless one's breach is kept in
+    ``plan.shadow``; a stateful one is planned as a check that always holds (so its amount
+    is counted) and judged from the totals the store answers (:func:`shadow_state`).
 
     ``waive`` plans the resume of an approved request: the indices of the ESCALATE policies a
     human approved this exact call against. Such a policy cannot decide the call: stateless,
@@ -380,21 +471,28 @@ def plan_call(
     checks: list[Check] = []
     semantic: list[_Semantic] = []
     breach: Decision | None = None
+    shadow: list[Decision] | None = None
+    shadow_checks: list[int] | None = None
     for step in skill.steps:
+        found: Decision | None = None
         if type(step) is _Stateful:
             amount = _ONE if step.param is None else amounts[step.param]
             subject = agent_id if step.agent_scoped else step.subject(agent_id, params)
             key = _new(CounterKey, (step.dimension, step.scope_name, subject, step.window_spec))
             op, limit = step.op, step.limit
-            if waive is not None and step.index in waive and _escalates(step):
+            if step.shadow:
+                op, limit = "lte", WAIVED_LIMIT
+                shadow_checks = [*(shadow_checks or ()), len(checks)]
+            elif waive is not None and step.index in waive and _escalates(step):
                 op, limit = "lte", WAIVED_LIMIT
             checks.append(_new(Check, (step.index, key, step.window, amount, op, limit)))
-        elif waive is not None and step.index in waive and _escalates(step):
+            continue
+        elif waive is not None and step.index in waive and _escalates(step) and not step.shadow:
             continue
         elif type(step) is _PerCall:
             value = amounts[step.param]  # type: ignore[index]
             if not step.test(value, step.limit):
-                breach = _decision(
+                found = _decision(
                     skill,
                     agent_id,
                     step.index,
@@ -404,14 +502,13 @@ def plan_call(
                     f"{step.param} = {value} breaks '{step.policy.dimension} "
                     f"{_SYMBOLS[step.op]} {step.limit}'",
                 )
-                break
         elif type(step) is _Set:
             value = params[step.param]  # type: ignore[index]
             inside = step.matches(value)
             if inside == step.negate:
                 listed = ", ".join(step.policy.values or ())
                 relation = "is in" if step.negate else "is not in"
-                breach = _decision(
+                found = _decision(
                     skill,
                     agent_id,
                     step.index,
@@ -420,10 +517,21 @@ def plan_call(
                     None,
                     f"{step.param} {value!r} {relation} {step.policy.dimension} [{listed}]",
                 )
-                break
+        elif type(step) is _Schedule:
+            moment = step.local(now)
+            if not step.holds(moment):
+                found = _decision(
+                    skill, agent_id, step.index, None, None, None, step.describe(moment)
+                )
         else:
             semantic.append(step)  # type: ignore[arg-type]
-    return Plan(skill, agent_id, params, checks, semantic, breach)
+            continue
+        if found is not None:
+            if not step.shadow:
+                breach = found
+                break
+            shadow = [*(shadow or ()), found]
+    return Plan(skill, agent_id, params, checks, semantic, breach, shadow, shadow_checks)
 
 
 def _escalates(step: _Step) -> bool:
@@ -433,31 +541,52 @@ def _escalates(step: _Step) -> bool:
 def state_decision(plan: Plan, breach: StateBreach) -> Decision:
     """The Decision for a stateful check the store refused."""
     check = plan.checks[breach.position]
-    key = check.key
+    return _state_decision(plan, check, breach.observed, breach.projected, check.op, check.limit)
+
+
+def shadow_state(plan: Plan, totals: tuple[Decimal, ...], before: int | None = None) -> None:
+    """Judge the shadow policies' checks from the totals the store answered.
+
+    ``totals`` holds each planned check's total before this call; only checks before
+    position ``before`` are judged (the store answered no later ones). Breaches go to
+    ``plan.shadow``.
+    """
+    positions = plan.shadow_checks
+    if not positions:
+        return
+    added: dict[CounterKey, Decimal] = {}
+    for position, check in enumerate(plan.checks):
+        if before is not None and position >= before:
+            break
+        amount = added.setdefault(check.key, check.amount)
+        if position not in positions:
+            continue
+        step = plan.skill.steps[check.policy_index]
+        assert type(step) is _Stateful  # noqa: S101 - planned that way
+        projected = EXACT.add(totals[position], amount)
+        if not OPERATORS[step.op](projected, step.limit):
+            found = _state_decision(plan, check, totals[position], projected, step.op, step.limit)
+            plan.add_shadow(found)
+
+
+def _state_decision(
+    plan: Plan,
+    check: Check,
+    observed: Decimal,
+    projected: Decimal,
+    op: str,
+    limit: Decimal,
+) -> Decision:
     step = plan.skill.steps[check.policy_index]
-    what = key.dimension
-    if key.scope == "agent":
-        what += f" for agent {key.subject!r}"
-    elif key.scope == "global":
-        what += " across all agents"
-    else:
-        what += f" for {key.scope.replace('+', ', ')} {key.subject}"
-    if check.window is not None:
-        what += f" in window {check.window.spec}"
+    what = describe_counter(check)
     counter = isinstance(step, _Stateful) and step.param is None
-    unit = " calls" if counter else ""
+    unit = calls(projected) if counter else ""
     reason = (
-        f"{what} would reach {breach.projected}{unit} ({breach.observed} recorded + "
-        f"{check.amount} proposed), breaking '{_SYMBOLS[check.op]} {check.limit}'"
+        f"{what} would reach {projected}{unit} ({observed} recorded + "
+        f"{check.amount} proposed), breaking '{_SYMBOLS[op]} {limit}'"
     )
     return _decision(
-        plan.skill,
-        plan.agent_id,
-        check.policy_index,
-        breach.observed,
-        breach.projected,
-        check.limit,
-        reason,
+        plan.skill, plan.agent_id, check.policy_index, observed, projected, limit, reason
     )
 
 
@@ -497,8 +626,29 @@ def _decision(
     )
 
 
+def calls(count: Decimal) -> str:
+    """`` call`` or `` calls``: the unit of a call counter's ``count``."""
+    return " call" if count == 1 else " calls"
+
+
+def describe_counter(check: Check) -> str:
+    """``spend_usd for agent 'a' in window day``: the running total a check reads."""
+    key = check.key
+    what = key.dimension
+    if key.scope == "agent":
+        what += f" for agent {key.subject!r}"
+    elif key.scope == "global":
+        what += " across all agents"
+    else:
+        what += f" for {key.scope.replace('+', ', ')} {key.subject}"
+    if check.window is not None:
+        what += f" in window {check.window.spec}"
+    return what
+
+
 def allow_decision(plan: Plan) -> Decision:
-    return allowed_decision(plan.skill.skill_id, plan.agent_id)
+    decision = allowed_decision(plan.skill.skill_id, plan.agent_id)
+    return decision if plan.shadow is None else decision.with_shadow(plan.shadow_breaches())
 
 
 def first_state_breach(checks: list[Check], totals: tuple[Decimal, ...]) -> StateBreach | None:

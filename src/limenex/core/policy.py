@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -53,6 +54,7 @@ __all__ = [
     "BUILTIN_SKILL_PARAMS",
     "DIMENSION_PATTERN",
     "MATCH_MODES",
+    "MODES",
     "NUMERIC_OPERATORS",
     "OPERATORS",
     "PARAM_PATTERN",
@@ -65,6 +67,7 @@ __all__ = [
     "PolicyKind",
     "PolicySet",
     "PolicySetError",
+    "SchedulePolicy",
     "SemanticPolicy",
     "SkillPolicies",
 ]
@@ -90,7 +93,9 @@ NUMERIC_OPERATORS = ("lt", "lte", "gt", "gte", "eq", "neq")
 SET_OPERATORS = ("in", "not_in")
 OPERATORS = NUMERIC_OPERATORS + SET_OPERATORS
 MATCH_MODES = ("exact", "glob", "path")
-POLICY_TYPES = ("deterministic", "semantic")
+POLICY_TYPES = ("deterministic", "semantic", "schedule")
+MODES = ("enforce", "shadow")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 BREACH_VERDICTS = (Verdict.BLOCK.value, Verdict.ESCALATE.value)
 
 SKILL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
@@ -270,6 +275,86 @@ BreachVerdict = Annotated[
     WithJsonSchema({"enum": list(BREACH_VERDICTS)}),
 ]
 Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Mode = Literal["enforce", "shadow"]
+_MODE_DESCRIPTION = (
+    "enforce (default): a breach decides the call; shadow: the breach is only audited and "
+    "the call goes on"
+)
+
+
+def _hours(value: object) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"expected hours such as 09:00-17:30, got {describe_input(value)}")
+    match = re.fullmatch(_HOURS_PATTERN, value)
+    if match is None:
+        raise _invalid(
+            f"expected hours such as 09:00-17:30 (24-hour clock), got {value!r}",
+            suggestion="write both ends as HH:MM",
+        )
+    start, end = match.group(1), match.group(2)
+    if start == end:
+        raise _invalid(f"hours {value!r} start and end at the same time")
+    return f"{start}-{end}"
+
+
+def _timezone(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(f"expected a time zone such as Europe/Berlin, got {describe_input(value)}")
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _invalid(
+            f"unknown time zone {value!r}", suggestion="use an IANA name such as America/New_York"
+        ) from None
+    return value
+
+
+def _days(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise _invalid(f"expected a list of days such as [mon, fri], got {describe_input(value)}")
+    days: list[str] = []
+    for day in value:
+        if day not in WEEKDAYS:
+            hint = did_you_mean(day.lower()[:3], WEEKDAYS) if isinstance(day, str) else None
+            raise _invalid(
+                f"unknown day {describe_input(day)}: use {', '.join(WEEKDAYS)}", suggestion=hint
+            )
+        if day in days:
+            raise _invalid(f"day {day} is listed twice")
+        days.append(day)
+    return tuple(sorted(days, key=WEEKDAYS.index))
+
+
+_HOURS_PATTERN = r"((?:[01][0-9]|2[0-3]):[0-5][0-9])-((?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00)"
+Hours = Annotated[
+    str,
+    PlainValidator(_hours),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^{_HOURS_PATTERN}$",
+            "description": "HH:MM-HH:MM, 24-hour clock; an end before the start runs past midnight",
+        }
+    ),
+]
+TimeZone = Annotated[
+    str,
+    PlainValidator(_timezone),
+    WithJsonSchema({"type": "string", "minLength": 1, "description": "an IANA time zone"}),
+]
+Days = Annotated[
+    tuple[str, ...],
+    PlainValidator(_days),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"enum": list(WEEKDAYS)},
+            "default": list(WEEKDAYS),
+        }
+    ),
+]
 
 
 # --- policies -----------------------------------------------------------------------------
@@ -339,6 +424,7 @@ class DeterministicPolicy(_PolicyModel):
     window: WindowSpec | None = None
     scope: Scope = _AGENT
     breach_verdict: BreachVerdict
+    mode: Mode | None = Field(default=None, description=_MODE_DESCRIPTION)
     description: StrictStr | None = None
     line: SkipJsonSchema[int | None] = Field(default=None, exclude=True)
 
@@ -390,8 +476,7 @@ class DeterministicPolicy(_PolicyModel):
         if "scope" in self.model_fields_set:
             out["scope"] = self.scope[0] if self.scope in (_AGENT, _GLOBAL) else list(self.scope)
         out["breach_verdict"] = self.breach_verdict.value
-        if self.description is not None:
-            out["description"] = self.description
+        _common_keys(self, out)
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -415,6 +500,7 @@ class SemanticPolicy(_PolicyModel):
     breach_verdict: BreachVerdict = Field(
         validation_alias=AliasChoices("breach_verdict", "verdict_ceiling")
     )
+    mode: Mode | None = Field(default=None, description=_MODE_DESCRIPTION)
     description: StrictStr | None = None
     line: SkipJsonSchema[int | None] = Field(default=None, exclude=True)
 
@@ -429,12 +515,51 @@ class SemanticPolicy(_PolicyModel):
 
     def to_yaml_dict(self) -> dict[str, Any]:
         out = {"type": self.type, "rule": self.rule, "breach_verdict": self.breach_verdict.value}
-        if self.description is not None:
-            out["description"] = self.description
+        _common_keys(self, out)
         return out
 
 
-Policy: TypeAlias = DeterministicPolicy | SemanticPolicy
+class SchedulePolicy(_PolicyModel):
+    """Calls are in bounds only inside a weekly time window, such as business hours.
+
+    The call's time is the engine's clock, read in ``timezone``. ``hours`` runs from its
+    start (included) to its end (excluded); an end before the start runs past midnight and
+    belongs to the day it started on (``22:00-06:00`` on ``fri`` is Friday night).
+    """
+
+    type: Literal["schedule"]
+    dimension: Dimension = Field(description="names the rule in reasons, traces and tests")
+    days: Days = WEEKDAYS
+    hours: Hours
+    timezone: TimeZone = "UTC"
+    breach_verdict: BreachVerdict
+    mode: Mode | None = Field(default=None, description=_MODE_DESCRIPTION)
+    description: StrictStr | None = None
+    line: SkipJsonSchema[int | None] = Field(default=None, exclude=True)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "dimension": self.dimension}
+        if "days" in self.model_fields_set:
+            out["days"] = list(self.days)
+        out["hours"] = self.hours
+        if "timezone" in self.model_fields_set:
+            out["timezone"] = self.timezone
+        out["breach_verdict"] = self.breach_verdict.value
+        _common_keys(self, out)
+        return out
+
+
+Policy: TypeAlias = DeterministicPolicy | SemanticPolicy | SchedulePolicy
+
+
+def _common_keys(
+    policy: DeterministicPolicy | SemanticPolicy | SchedulePolicy, out: dict[str, Any]
+) -> None:
+    # ``mode`` only when written: adding the key must not change the digest approvals keep.
+    if policy.mode is not None:
+        out["mode"] = policy.mode
+    if policy.description is not None:
+        out["description"] = policy.description
 
 
 def _plain(value: object) -> object:
@@ -453,7 +578,28 @@ class SkillPolicies(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     policies: tuple[Annotated[Policy, Field(discriminator="type")], ...]
+    mode: Mode = Field(
+        default="enforce",
+        description="shadow: every policy of the skill (in this file) is audited, none enforced",
+    )
     description: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Self:
+        if self.mode == "shadow":
+            for index, policy in enumerate(self.policies):
+                if policy.mode == "enforce":
+                    raise _invalid(
+                        f"policy {index + 1} says mode: enforce, but the whole skill is in "
+                        "shadow mode, where nothing is enforced",
+                        key="mode",
+                        suggestion="remove one of the two",
+                    )
+        return self
+
+    def policy_mode(self, index: int) -> Mode:
+        """The mode policy ``index`` is applied in: its own, else the skill's."""
+        return self.policies[index].mode or self.mode
 
 
 # --- the whole file -----------------------------------------------------------------------
@@ -518,10 +664,8 @@ class PolicySet:
     @property
     def counts(self) -> PolicyCounts:
         policies = [p for skill in self.skills.values() for p in skill.policies]
-        deterministic = sum(isinstance(p, DeterministicPolicy) for p in policies)
-        return PolicyCounts(
-            len(self.skills), len(policies), deterministic, len(policies) - deterministic
-        )
+        semantic = sum(isinstance(p, SemanticPolicy) for p in policies)
+        return PolicyCounts(len(self.skills), len(policies), len(policies) - semantic, semantic)
 
 
 def _check_policy_set(skills: Mapping[str, SkillPolicies]) -> None:
