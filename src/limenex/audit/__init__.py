@@ -320,6 +320,31 @@ class AuditRecord:
             extra=_jsonable(details),
         )
 
+    @classmethod
+    def from_event(
+        cls,
+        event: str,
+        reason: str,
+        *,
+        at: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> AuditRecord:
+        """The record of ``event`` that is about no call (``policies_reloaded``...).
+
+        It has no skill, agent, params or verdict (each empty); ``reason`` says what
+        happened and ``extra`` holds the details.
+        """
+        return cls(
+            time=_iso(time.time() if at is None else at),
+            event=event,
+            skill_id="",
+            agent_id="",
+            params={},
+            verdict="",
+            reason=reason,
+            extra=_jsonable(dict(extra or {})),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready mapping that is hashed and written (``hash`` left out while unset)."""
         out: dict[str, Any] = {
@@ -916,6 +941,14 @@ class AuditLog:
             raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
         return self.append(record)
 
+    def write_event(self, event: str, reason: str, **extra: Any) -> AuditRecord:
+        """Record ``event``, about no call (see :meth:`AuditRecord.from_event`)."""
+        try:
+            record = AuditRecord.from_event(event, reason, at=self.clock(), extra=extra)
+        except Exception as exc:
+            raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
+        return self.append(record)
+
     def append(self, record: AuditRecord) -> AuditRecord:
         """Run ``record`` through the processors, then chain and store it in the sink."""
         return self.sink.append(self._processed(record))
@@ -1065,6 +1098,16 @@ class BufferedAuditLog:
             self._refuse()
         self._put((event, request, None, time.time(), None, None, extra))
 
+    def write_event(self, event: str, reason: str, **extra: Any) -> None:
+        """Queue the record of ``event``, about no call (kept while the log fails)."""
+        if self._closed or len(self._queue) >= self.max_pending:
+            self._refuse()
+        try:
+            record = AuditRecord.from_event(event, reason, extra=extra)
+        except Exception as exc:
+            raise AuditError(f"cannot build the audit record of {event!r}: {exc}") from exc
+        self._put((event, record, {}, time.time(), None, None, _NOTHING))
+
     def _put(self, item: tuple[Any, ...]) -> None:
         if self._closed:
             raise AuditError("the audit log is closed")
@@ -1132,7 +1175,9 @@ class BufferedAuditLog:
 
     def _record(self, item: tuple[Any, ...]) -> AuditRecord:
         event, subject, params, at, latency, state, extra = item
-        if params is None:
+        if type(subject) is AuditRecord:  # made by write_event
+            record = subject
+        elif params is None:
             record = AuditRecord.from_request(event, subject, at=at, extra=extra)
         else:
             if type(subject) is tuple:  # an allowed call's outcome (see outcome())
@@ -1218,7 +1263,9 @@ class BufferedAuditLog:
             skill_id=str(skill),
             agent_id=str(agent),
             params={},
-            verdict=str(getattr(getattr(subject, "verdict", None), "value", "ALLOW")),
+            verdict=subject.verdict
+            if type(subject) is AuditRecord
+            else str(getattr(getattr(subject, "verdict", None), "value", "ALLOW")),
             reason=f"this {event} record could not be made: {_text(exc)[:200]}",
             extra={"unrecordable": type(exc).__name__},
         )

@@ -121,7 +121,12 @@ def tail(path: str, sql_url: str | None, table: str | None, count: int, as_json:
 
 
 def _line(record: dict[str, Any]) -> str:
-    """``#seq time event verdict skill agent: reason`` on one line."""
+    """``#seq time event verdict skill agent: reason`` on one line.
+
+    A record about no call (``policies_reloaded``) has an empty verdict, skill and agent:
+    they are left out. A call that shadow-mode policies would have decided otherwise ends
+    with ``[shadow: ESCALATE by policy 2]``.
+    """
     parts = [
         f"#{record.get('seq', '?')}",
         str(record.get("time", "?")),
@@ -131,8 +136,12 @@ def _line(record: dict[str, Any]) -> str:
         str(record.get("agent_id", "?")),
     ]
     reason = record.get("reason")
-    text = "  ".join(parts)
-    return f"{text}: {reason}" if reason else text
+    text = "  ".join(part for part in parts if part)
+    line = f"{text}: {reason}" if reason else text
+    shadow = (record.get("extra") or {}).get("shadow")
+    if isinstance(shadow, dict) and isinstance(shadow.get("policy_index"), int):
+        line += f"  [shadow: {shadow.get('verdict')} by policy {shadow['policy_index'] + 1}]"
+    return line
 
 
 @audit.command(name="verify")

@@ -9,13 +9,22 @@ through the node tree to a line.
 
 ``_extends: base.yaml`` (relative to the extending file) puts the parent's policies of a
 skill before the child's. :class:`PolicySet` checks the merged result as a whole.
+
+:class:`LocalFilePolicyStore` watches the files it read and applies an edit without a
+restart (hot reload); a broken edit is refused and the last good policies stay in force.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
+import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,16 +34,19 @@ from pydantic import AliasChoices, BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from limenex.core.errors import PolicyFileError
+from limenex.core.errors import LimenexConfigError, PolicyFileError
 from limenex.core.policy import (
     MATCH_MODES,
+    MODES,
     OPERATORS,
     POLICY_TYPES,
     SKILL_ID_PATTERN,
     DeterministicPolicy,
     Policy,
+    PolicyCounts,
     PolicySet,
     PolicySetError,
+    SchedulePolicy,
     SemanticPolicy,
     SkillPolicies,
     describe_input,
@@ -46,11 +58,14 @@ __all__ = [
     "SCHEMA_ID",
     "InMemoryPolicyStore",
     "LocalFilePolicyStore",
+    "PolicyReload",
     "PolicyStore",
     "load_policy_file",
     "load_policy_text",
     "policy_json_schema",
 ]
+
+log = logging.getLogger("limenex")
 
 DEFAULT_POLICY_PATH = ".limenex/policies.yaml"
 SCHEMA_ID = "urn:limenex:schema:policy-file:v1"
@@ -61,9 +76,10 @@ _SURPRISING_NUMBER = re.compile(r"[-+]?(0[0-9_]|0[xXoObB]|.*:)")
 _POLICY_MODELS: dict[str, type[BaseModel]] = {
     "deterministic": DeterministicPolicy,
     "semantic": SemanticPolicy,
+    "schedule": SchedulePolicy,
 }
 _ERROR_KEYS = {"union_tag_invalid": "type", "union_tag_not_found": "type"}
-_CHOICES = {"operator": OPERATORS, "match": MATCH_MODES, "type": POLICY_TYPES}
+_CHOICES = {"operator": OPERATORS, "match": MATCH_MODES, "type": POLICY_TYPES, "mode": MODES}
 _EXPECTED = {
     "bool_type": "true or false",
     "string_type": "text",
@@ -88,30 +104,189 @@ class PolicyStore(Protocol):
     def get(self, skill_id: str) -> SkillPolicies | None: ...
 
 
-class LocalFilePolicyStore:
-    """Policies from a YAML file, loaded when created.
+@dataclass(frozen=True, slots=True)
+class PolicyReload:
+    """What one reload of a :class:`LocalFilePolicyStore` did; given to its listeners.
 
-    :meth:`reload` reads the file again; if the new version is invalid it raises and the
-    store keeps serving the last good one.
+    ``ok``: the new policies are in force. Otherwise ``error`` says why the files were
+    refused, and the last good policies stay in force. ``path`` is the store's policy file;
+    ``sources`` the files read (the extending file first) or, for a refused load, the files
+    it read or tried to read; ``policy_set`` the policies in force now.
     """
 
-    def __init__(self, path: str | os.PathLike[str] = DEFAULT_POLICY_PATH) -> None:
+    ok: bool
+    path: str
+    sources: tuple[str, ...]
+    policy_set: PolicySet = field(repr=False)
+    error: PolicyFileError | None = None
+
+    @property
+    def counts(self) -> PolicyCounts:
+        """Skills and policies in force now."""
+        return self.policy_set.counts
+
+
+_RECENT_NS = 3_000_000_000
+"""A file written this recently (by its mtime) is read to check, whatever its stat says:
+a coarse clock can give two writes within a tick one mtime, and one size."""
+
+
+class LocalFilePolicyStore:
+    """Policies from a YAML file, loaded when created and reloaded when it is edited.
+
+    Hot reload: every ``reload_interval`` seconds (1 by default; ``None`` or ``0`` turns it
+    off), :meth:`get` checks whether the policy file, or a file it ``_extends``, changed.
+    Between checks a call costs one ``time.monotonic()`` comparison; a check costs an
+    ``os.stat`` per file (and a read and a SHA-256 of a file written in the last seconds,
+    or whose stat changed). A changed set of files is loaded and checked as a whole:
+
+    * valid, it replaces the policies in one step; a call sees the old set or the new one,
+      never a mix. The engine compiles a skill again when its policies change; approval
+      requests made under the old policies of a skill cannot be resumed (see
+      :meth:`~limenex.core.engine.PolicyEngine.resume`).
+    * invalid (a typo, bad YAML, a removed or unreadable file, a missing parent), it is
+      refused: the last good policies stay in force, and a WARNING on the ``limenex``
+      logger names the file, line and key. It is not tried again until one of the files it
+      read (or tried to read: a parent created later counts) changes again.
+
+    Either way, the callbacks given to :meth:`subscribe` get a :class:`PolicyReload`; the
+    engine's writes a ``policies_reloaded`` or ``policies_rejected`` audit record.
+
+    One thread checks at a time; the others go on with the policies in force, without
+    waiting. The check runs in the thread (or on the event loop) of the call that found it
+    due, and a reload parses the YAML there: a few milliseconds, once per edit. Write a file
+    in one step (to a temporary file, then rename it over) so that a check never reads a
+    half-written one.
+
+    :meth:`reload` reads the files now, whether they changed or not; if the new version is
+    invalid it raises :class:`PolicyFileError` (after telling the listeners) and the store
+    keeps serving the last good one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_POLICY_PATH,
+        *,
+        reload_interval: float | None = 1.0,
+    ) -> None:
+        if reload_interval is not None and not (
+            type(reload_interval) in (int, float) and 0 <= reload_interval < math.inf
+        ):
+            raise LimenexConfigError(
+                f"reload_interval must be a number of seconds, or None, got {reload_interval!r}"
+            )
         self.path = Path(path)
-        self._policy_set = load_policy_file(self.path)
+        self.reload_interval = float(reload_interval) if reload_interval else None
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[PolicyReload], object]] = []
+        self._seen: dict[str, _Seen] = {}
+        self._policy_set = _load_file(self.path, str(self.path), self._seen)
+        self._next_check = self._due()
 
     @property
     def policy_set(self) -> PolicySet:
+        if time.monotonic() >= self._next_check:
+            self._check()
         return self._policy_set
 
     def get(self, skill_id: str) -> SkillPolicies | None:
+        if time.monotonic() >= self._next_check:
+            self._check()
         return self._policy_set.skills.get(skill_id)
 
     def reload(self) -> PolicySet:
-        self._policy_set = load_policy_file(self.path)
+        """Load the files now; raise :class:`PolicyFileError` (keeping the last good set)
+        if they are invalid. Listeners are told either way."""
+        with self._lock:
+            error = self._load(explicit=True)
+        if error is not None:
+            raise error
         return self._policy_set
+
+    def subscribe(self, callback: Callable[[PolicyReload], object]) -> Callable[[], None]:
+        """Call ``callback(event)`` after every reload, good or refused; returns a function
+        that unsubscribes it. A callback that raises is logged and does not stop the rest."""
+        with self._lock:
+            self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._listeners.remove(callback)
+
+        return unsubscribe
 
     def __repr__(self) -> str:
         return f"LocalFilePolicyStore({str(self.path)!r})"
+
+    def _due(self) -> float:
+        return time.monotonic() + (self.reload_interval or math.inf)
+
+    def _check(self) -> None:
+        """Reload if a watched file changed; a thread that finds another checking goes on."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() < self._next_check:
+                return  # another thread just checked
+            self._next_check = self._due()
+            if self._changed():
+                self._load(explicit=False)
+        except Exception:  # a bug here must not stop the calls: the policies stay in force
+            log.exception("limenex: checking %s for changes failed", self.path)
+        finally:
+            self._lock.release()
+
+    def _changed(self) -> bool:
+        """Whether a file the last load read (or tried to) is not what it read now."""
+        now = time.time_ns()
+        for name, (signature, digest) in self._seen.items():
+            current = _signature(name)
+            if current == signature and (current is None or abs(now - current[0]) >= _RECENT_NS):
+                continue
+            try:
+                found = None if current is None else _digest(Path(name).read_bytes())
+            except OSError:
+                found = None
+            if found != digest:
+                return True
+            self._seen[name] = (current, digest)  # touched, not changed
+        return False
+
+    def _load(self, *, explicit: bool) -> PolicyFileError | None:
+        """Load the files (holding the lock), swap the set in if valid, tell the listeners."""
+        seen: dict[str, _Seen] = {}
+        try:
+            policy_set = _load_file(self.path, str(self.path), seen)
+        except PolicyFileError as exc:
+            error: PolicyFileError | None = exc
+        except Exception as exc:  # not expected from the loader: refused all the same
+            error = PolicyFileError(
+                f"cannot load: {type(exc).__name__}: {exc}", path=str(self.path)
+            )
+        else:
+            error = None
+            self._policy_set = policy_set  # one assignment: a call sees one set or the other
+        self._seen = seen
+        self._next_check = self._due()
+        if error is None:
+            log.info("limenex: policies reloaded from %s", ", ".join(self._policy_set.sources))
+        elif not explicit:
+            log.warning(
+                "limenex: policy file refused, the last good policies stay in force: %s", error
+            )
+        event = PolicyReload(
+            ok=error is None,
+            path=str(self.path),
+            sources=self._policy_set.sources if error is None else tuple(seen),
+            policy_set=self._policy_set,
+            error=error,
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("limenex: a policy reload listener failed (%r)", listener)
+        return error
 
 
 class InMemoryPolicyStore:
@@ -135,9 +310,19 @@ class InMemoryPolicyStore:
 # --- loading ------------------------------------------------------------------------------
 
 
+_Seen = tuple[tuple[int, ...] | None, str | None]
+"""A file as a load saw it: its stat signature taken before it was read (``None``: missing),
+and the SHA-256 of the bytes read (``None``: missing or unreadable)."""
+
+
 def load_policy_file(path: str | os.PathLike[str]) -> PolicySet:
     """Load and check a policy file and its ``_extends`` chain; raise ``PolicyFileError``."""
-    return _load(_read(Path(path), str(path)), str(path))
+    return _load_file(Path(path), str(path))
+
+
+def _load_file(path: Path, display: str, seen: dict[str, _Seen] | None = None) -> PolicySet:
+    """:func:`load_policy_file`; ``seen`` gets every file read or tried (see :func:`_read`)."""
+    return _load(_read(path, display, seen), display, seen)
 
 
 def load_policy_text(text: str, path: str = "<string>") -> PolicySet:
@@ -160,17 +345,23 @@ class _Merged:
 
     policies: dict[str, list[Policy]] = field(default_factory=dict)
     descriptions: dict[str, str | None] = field(default_factory=dict)
+    shadow: dict[str, bool] = field(default_factory=dict)  # every file naming it says shadow
     skill_origins: dict[str, _Origin] = field(default_factory=dict)
     policy_origins: dict[str, list[_Origin]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    seen: dict[str, _Seen] | None = None  # for the hot reload: every file read or tried
 
 
-def _load(text: str, path: str) -> PolicySet:
-    merged = _Merged()
+def _load(text: str, path: str, seen: dict[str, _Seen] | None = None) -> PolicySet:
+    merged = _Merged(seen=seen)
     own = None if path.startswith("<") else Path(path).resolve()
     _merge_file(text, path, merged, () if own is None else ((own, path),))
     skills = {
-        skill_id: SkillPolicies(policies=tuple(policies), description=merged.descriptions[skill_id])
+        skill_id: SkillPolicies(
+            policies=tuple(policies),
+            mode="shadow" if merged.shadow[skill_id] else "enforce",
+            description=merged.descriptions[skill_id],
+        )
         for skill_id, policies in merged.policies.items()
     }
     try:
@@ -192,22 +383,35 @@ def _merge_file(text: str, path: str, merged: _Merged, chain: tuple[tuple[Path, 
             cycle = " → ".join([*names, str(parent_path)])
             raise parsed.error(f"_extends cycle: {cycle}", key_node, key=EXTENDS)
         try:
-            parent_text = _read(parent_path, str(parent_path))
+            parent_text = _read(parent_path, str(parent_path), merged.seen)
         except PolicyFileError as exc:
             problem = f"cannot read {exc.path}: {exc.problem}"
             raise parsed.error(problem, key_node, key=EXTENDS) from None
         _merge_file(parent_text, str(parent_path), merged, (*chain, (parent, str(parent_path))))
     for skill_id, (skill, key_node, policy_nodes) in parsed.skills.items():
         merged.skill_origins.setdefault(skill_id, _Origin(path, key_node))
-        merged.policies.setdefault(skill_id, []).extend(skill.policies)
+        # A file's skill-wide mode covers its own policies only: a file that extends a
+        # baseline cannot put the baseline's policies in shadow mode.
+        merged.policies.setdefault(skill_id, []).extend(
+            policy.model_copy(update={"mode": skill.policy_mode(index)})
+            if skill.mode == "shadow"
+            else policy
+            for index, policy in enumerate(skill.policies)
+        )
+        merged.shadow[skill_id] = merged.shadow.get(skill_id, True) and skill.mode == "shadow"
         origins = merged.policy_origins.setdefault(skill_id, [])
         origins.extend(_Origin(path, node) for node in policy_nodes)
         if skill.description is not None or skill_id not in merged.descriptions:
             merged.descriptions[skill_id] = skill.description
 
 
-def _read(path: Path, display: str) -> str:
-    """The text of a policy file; a missing or unreadable file is a ``PolicyFileError``."""
+def _read(path: Path, display: str, seen: dict[str, _Seen] | None = None) -> str:
+    """The text of a policy file; a missing or unreadable file is a ``PolicyFileError``.
+
+    ``seen`` gets ``display`` mapped to what was found (:data:`_Seen`), readable or not.
+    """
+    signature = None if seen is None else _signature(display)
+    data: bytes | None = None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -221,7 +425,23 @@ def _read(path: Path, display: str) -> str:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
             problem = f"not UTF-8 text (byte {exc.start})"
+    finally:
+        if seen is not None:
+            seen[display] = (signature, None if data is None else _digest(data))
     raise PolicyFileError(problem, path=display)
+
+
+def _signature(path: str) -> tuple[int, ...] | None:
+    """What changes when a file is written, replaced or removed (``None``: no such file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # --- one file -----------------------------------------------------------------------------
