@@ -34,6 +34,7 @@ from time import perf_counter
 from types import CoroutineType
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, cast
 
+from limenex import telemetry as _telemetry
 from limenex.approvals import (
     ApprovalRefused,
     ApprovalRequest,
@@ -58,6 +59,7 @@ from limenex.core.errors import (
     GovernanceSignal,
     InvalidArgumentError,
     LimenexConfigError,
+    StateStoreError,
     UnregisteredSkillError,
 )
 from limenex.core.evaluation import (
@@ -71,12 +73,16 @@ from limenex.core.evaluation import (
     normalise_path,
     plan_call,
     semantic_decision,
+    shadow_state,
     state_decision,
+    to_decimal,
 )
+from limenex.core.explain import Explanation, explanation, stateful_checks
 from limenex.core.handle import SkillHandle
-from limenex.core.policy_store import LocalFilePolicyStore, PolicyStore
+from limenex.core.policy_store import LocalFilePolicyStore, PolicyReload, PolicyStore
 from limenex.core.state import Reservation, StateBreach, StateStore
 from limenex.semantic import Judgement, parse_answer
+from limenex.telemetry import enabled as _traced
 
 __all__ = [
     "AuditHook",
@@ -119,6 +125,9 @@ class PolicyEngine:
     the action is blocked. By default it is a :class:`~limenex.audit.BufferedAuditLog` to the
     JSONL file :func:`limenex.audit.path_for` names (``audit.log`` beside a file or SQLite
     state store, else ``.limenex/audit.log``); ``audit_logger=False`` turns auditing off.
+    An edited policy file that a :class:`LocalFilePolicyStore` reloads (hot reload) is
+    recorded there too, as ``policies_reloaded``, or ``policies_rejected`` when it was
+    refused and the last good policies stay in force.
 
     An ESCALATE keeps an approval request (see :mod:`limenex.approvals`) in
     ``approval_store``, by default the one kept next to the state store, valid for
@@ -198,11 +207,22 @@ class PolicyEngine:
         self._loop_thread: _LoopThread | None = None
         self._loop_lock = threading.Lock()
         self._orphans: set[asyncio.Future[None]] = set()
+        _telemetry.load_configured_providers()  # those OTEL_PYTHON_*_PROVIDER name
+        # A store that reloads edited files (LocalFilePolicyStore) says so: it is audited.
+        subscribe = getattr(policy_store, "subscribe", None)
+        self._unsubscribe: Callable[[], object] | None = (
+            subscribe(self._policies_reloaded) if callable(subscribe) else None
+        )
 
     # --- public API -----------------------------------------------------------------------
 
     async def evaluate(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
         """The verdict this call would get now. Changes no state and runs no executor."""
+        if _traced():  # an OpenTelemetry SDK is installed: see limenex.telemetry
+            return await _telemetry.evaluate(self._evaluate, skill_id, agent_id, params)
+        return await self._evaluate(skill_id, agent_id, params)
+
+    async def _evaluate(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
         plan = self._plan(skill_id, agent_id, params)
         decision = plan.breach
         if plan.checks:
@@ -212,10 +232,15 @@ class PolicyEngine:
                 return self._failure(skill_id, agent_id, "the state store", exc)
             decision = self._decide_by_totals(plan, totals)
         decision = await self._judge(plan, decision)
-        return decision or allow_decision(plan)
+        return _with_shadow(plan, decision) if decision else allow_decision(plan)
 
     def evaluate_sync(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
         """:meth:`evaluate` for synchronous code (safe inside a running event loop)."""
+        if _traced():
+            return _telemetry.evaluate_sync(self._evaluate_sync, skill_id, agent_id, params)
+        return self._evaluate_sync(skill_id, agent_id, params)
+
+    def _evaluate_sync(self, skill_id: str, agent_id: str, params: Mapping[str, Any]) -> Decision:
         plan = self._plan(skill_id, agent_id, params)
         decision = plan.breach
         if plan.checks:
@@ -225,7 +250,60 @@ class PolicyEngine:
                 return self._failure(skill_id, agent_id, "the state store", exc)
             decision = self._decide_by_totals(plan, totals)
         decision = self._judge_sync(plan, decision)
-        return decision or allow_decision(plan)
+        return _with_shadow(plan, decision) if decision else allow_decision(plan)
+
+    async def explain(
+        self,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        *,
+        judge: bool = True,
+    ) -> Explanation:
+        """Why this call would get its verdict now: the verdict and a per-policy trace.
+
+        The verdict is :meth:`evaluate`'s, from the same plan and totals; the trace shows
+        every policy with what it compared, also those after the one that decided. Changes
+        no state, runs no executor, writes no audit record. ``judge=False`` asks no model:
+        semantic rules the verdict depends on are listed as not judged. A state store that
+        cannot be read raises :class:`~limenex.core.errors.StateStoreError` (this is a
+        diagnosis, not a governed call).
+        """
+        now = self.clock.now()
+        plan = self._plan(skill_id, agent_id, params, now=now)
+        amounts = {name: to_decimal(name, params[name]) for name in plan.skill.amount_params}
+        checks = stateful_checks(plan.skill, agent_id, params, amounts)
+        totals = await self.state_store.apeek(checks, now) if checks else ()
+        if len(totals) != len(checks):
+            raise StateStoreError(f"the store answered {len(totals)} totals for {len(checks)}")
+        by_policy = {check.policy_index: total for check, total in zip(checks, totals, strict=True)}
+        decision = plan.breach
+        if plan.checks:
+            planned = tuple(by_policy[check.policy_index] for check in plan.checks)
+            decision = self._decide_by_totals(plan, planned)
+        skipped: list[int] = []  # semantic rules the engine would ask, left unasked here
+        if judge:
+            decision = await self._judge(plan, decision)
+        else:
+            limit = len(plan.skill.steps) if decision is None else decision.policy_index
+            if limit is not None:  # None: a fail-closed BLOCK, which asks no model
+                skipped = [step.index for step in plan.semantic if step.index < limit]
+        decision = _with_shadow(plan, decision) if decision else allow_decision(plan)
+        return explanation(plan, decision, checks, totals, amounts, now, skipped)
+
+    def explain_sync(
+        self,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        *,
+        judge: bool = True,
+    ) -> Explanation:
+        """:meth:`explain` for synchronous code (runs on the engine's helper loop)."""
+        explained: Explanation = self._await_elsewhere(
+            self.explain(skill_id, agent_id, params, judge=judge)
+        )
+        return explained
 
     async def execute(
         self,
@@ -243,6 +321,30 @@ class PolicyEngine:
         tell (it is kept in an approval request, and :meth:`resume` runs only the action
         registered under that name: see :meth:`register_action`).
         """
+        if _traced():  # an OpenTelemetry SDK is installed: see limenex.telemetry
+            return await _telemetry.execute(
+                self._execute,
+                skill_id,
+                agent_id,
+                params,
+                action,
+                action_name=action_name,
+                approval=_approval,
+            )
+        return await self._execute(
+            skill_id, agent_id, params, action, action_name=action_name, _approval=_approval
+        )
+
+    async def _execute(
+        self,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        action: Action,
+        *,
+        action_name: str = "",
+        _approval: ApprovalRequest | None = None,
+    ) -> Any:
         started = perf_counter() if self._rich_audit else None
         plan = self._plan(skill_id, agent_id, params, _approval)
         direct = self._store_is_direct  # sync-only stores are called inline: no extra await
@@ -270,6 +372,8 @@ class PolicyEngine:
                 decision = state_decision(plan, outcome)
             else:
                 reservation = outcome  # type: ignore[assignment]  # a Reservation: no cast() call
+                if plan.shadow_checks:
+                    shadow_state(plan, reservation.observed)  # type: ignore[union-attr]
         if plan.semantic:
             try:
                 decision = await self._judge(plan, decision)
@@ -278,6 +382,8 @@ class PolicyEngine:
                 raise
         if decision is not None:
             await self._asettle(reservation, release=True)
+            if plan.shadow:
+                decision = _with_shadow(plan, decision)
             if decision.verdict is Verdict.ESCALATE:
                 await self._aescalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
@@ -326,6 +432,30 @@ class PolicyEngine:
         here, so the call is refused (and the coroutine closed) rather than counted as done.
         (:meth:`resume_sync` alone runs an async action to its end, on a helper thread.)
         """
+        if _traced():
+            return _telemetry.execute_sync(
+                self._execute_sync,
+                skill_id,
+                agent_id,
+                params,
+                action,
+                action_name=action_name,
+                approval=_approval,
+            )
+        return self._execute_sync(
+            skill_id, agent_id, params, action, action_name=action_name, _approval=_approval
+        )
+
+    def _execute_sync(
+        self,
+        skill_id: str,
+        agent_id: str,
+        params: Mapping[str, Any],
+        action: Action,
+        *,
+        action_name: str = "",
+        _approval: ApprovalRequest | None = None,
+    ) -> Any:
         started = perf_counter() if self._rich_audit else None
         plan = self._plan(skill_id, agent_id, params, _approval)
         store = self.state_store
@@ -343,6 +473,8 @@ class PolicyEngine:
                         decision = state_decision(plan, outcome)
                     else:
                         reservation = outcome  # type: ignore[assignment]
+                        if plan.shadow_checks:
+                            shadow_state(plan, reservation.observed)  # type: ignore[union-attr]
             except Exception as exc:
                 raise self._fail(plan, "the state store", exc) from exc
         if plan.semantic:
@@ -353,6 +485,8 @@ class PolicyEngine:
                 raise
         if decision is not None:
             self._settle(reservation, release=True)
+            if plan.shadow:
+                decision = _with_shadow(plan, decision)
             if decision.verdict is Verdict.ESCALATE:
                 self._escalate(plan, decision, started, action_name, _approval)
             self._refuse(plan, decision, started, _approval)
@@ -615,6 +749,40 @@ class PolicyEngine:
             self._refused_resume(found, refusal)
             raise
 
+    def _policies_reloaded(self, event: PolicyReload) -> None:
+        """Audit a reload of the policy files: ``policies_reloaded`` or ``policies_rejected``."""
+        hook = self.audit_logger
+        if not isinstance(hook, AuditLog | BufferedAuditLog):
+            return
+        counts = event.counts
+        in_force = _count(counts.skills, "skill") + ", " + _count(counts.policies, "policy")
+        try:
+            if event.error is None:
+                hook.write_event(
+                    "policies_reloaded",
+                    f"policies reloaded from {event.path}: {in_force}",
+                    path=event.path,
+                    sources=list(event.sources),
+                    skills=counts.skills,
+                    policies=counts.policies,
+                )
+            else:
+                error = event.error
+                hook.write_event(
+                    "policies_rejected",
+                    f"policy file refused, the last good policies stay in force "
+                    f"({in_force}): {error}",
+                    path=event.path,
+                    sources=list(event.sources),
+                    file=error.path,
+                    line=error.line,
+                    key=error.key,
+                    problem=error.problem,
+                    suggestion=error.suggestion,
+                )
+        except Exception:
+            log.exception("limenex: audit sink failed for a reload of %s", event.path)
+
     def _refused_resume(self, request: ApprovalRequest | None, refusal: ApprovalRefused) -> None:
         """Audit a refused resume of a known request (``refused``, with ``why``)."""
         hook = self.audit_logger
@@ -690,6 +858,9 @@ class PolicyEngine:
 
         The default audit log is closed; one you passed is flushed and left open.
         """
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
         with self._loop_lock:
             thread, self._loop_thread = self._loop_thread, None
         if thread is not None:
@@ -741,6 +912,8 @@ class PolicyEngine:
         agent_id: object,
         params: Mapping[str, Any],
         approval: ApprovalRequest | None = None,
+        *,
+        now: float | None = None,
     ) -> Plan:
         try:
             if type(agent_id) is not str or not agent_id:
@@ -753,6 +926,7 @@ class PolicyEngine:
                 agent_id,  # type: ignore[arg-type]
                 params,
                 waive=None if approval is None else _waived(approval),
+                now=(self.clock.now() if now is None else now) if skill.timed else 0.0,
             )
         except InvalidArgumentError as exc:
             if exc.decision is None:
@@ -797,6 +971,8 @@ class PolicyEngine:
         """
         try:
             breach = first_state_breach(plan.checks, totals)
+            if plan.shadow_checks:
+                shadow_state(plan, totals, None if breach is None else breach.position)
         except ArithmeticError as exc:
             return self._failure(plan.skill.skill_id, plan.agent_id, "exact arithmetic", exc)
         return plan.breach if breach is None else state_decision(plan, breach)
@@ -811,6 +987,9 @@ class PolicyEngine:
                 break
             why = await self._ask(plan, step.index, step.policy.rule)
             if why is not None:
+                if step.shadow:  # audited, never enforced
+                    plan.add_shadow(semantic_decision(plan, step, why))
+                    continue
                 return semantic_decision(plan, step, why)
         return decision
 
@@ -1089,6 +1268,9 @@ class PolicyEngine:
         The buffered log only needs to admit the call: its outcome record carries the ALLOW.
         Other hooks get an ``allowed`` record, which is returned for the outcome's.
         """
+        if plan.shadow:  # the span of the call says what shadow policies would have decided
+            first = plan.shadow_breaches()[0]
+            _telemetry.note_shadow(first.verdict.value, (first.policy_index or 0) + 1)
         buffer = self._buffer
         if buffer is not None:
             if not buffer.admits():
@@ -1186,6 +1368,13 @@ class PolicyEngine:
         return _failure_decision(skill_id, agent_id, what, exc)
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 skill``, ``2 skills``, ``1 policy``, ``5 policies``."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
+
+
 _RAW_KEPT = 8192
 """Characters of a model's raw answer an audit record keeps (a model may answer at length)."""
 
@@ -1200,9 +1389,30 @@ _NOT_JUDGED: dict[str, Any] = {}  # never written to: only ever unpacked or read
 
 
 def _judged(plan: Plan) -> dict[str, Any]:
-    """The audit's ``semantic`` entry: what each semantic rule asked was answered."""
+    """The audit's ``semantic`` entry (what each semantic rule asked was answered) and
+    ``shadow`` entry (what shadow-mode policies would have decided)."""
     judgements = plan.judgements
-    return _NOT_JUDGED if judgements is None else {"semantic": judgements}
+    if plan.shadow is None:
+        return _NOT_JUDGED if judgements is None else {"semantic": judgements}
+    breaches = plan.shadow_breaches()
+    extra: dict[str, Any] = {
+        "shadow": {
+            "verdict": breaches[0].verdict.value,
+            "policy_index": breaches[0].policy_index,
+            "breaches": [
+                {"policy_index": d.policy_index, "verdict": d.verdict.value, "reason": d.reason}
+                for d in breaches
+            ],
+        }
+    }
+    if judgements is not None:
+        extra["semantic"] = judgements
+    return extra
+
+
+def _with_shadow(plan: Plan, decision: Decision) -> Decision:
+    """``decision`` carrying what the plan's shadow policies would have decided."""
+    return decision if plan.shadow is None else decision.with_shadow(plan.shadow_breaches())
 
 
 class _Yield:
