@@ -10,7 +10,9 @@ import click
 
 from limenex.cli.approvals import approvals
 from limenex.cli.audit import audit
+from limenex.cli.explain import explain
 from limenex.cli.mcp_proxy import mcp_proxy
+from limenex.cli.policy_tests import run_policy_tests
 from limenex.cli.serve import serve
 from limenex.cli.state import state
 from limenex.cli.validate import schema, validate
@@ -26,8 +28,10 @@ def main() -> None:
 
 main.add_command(validate)
 main.add_command(schema)
+main.add_command(explain)
 main.add_command(state)
 main.add_command(audit)
 main.add_command(approvals)
 main.add_command(serve)
 main.add_command(mcp_proxy)
+main.add_command(run_policy_tests)
