@@ -16,10 +16,11 @@ install: $(PY)
 dev: $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 
-## demo: install, then run the quickstart and a short governed-agent demo (no servers)
+## demo: install, then run the quickstart, a short governed-agent demo and the example policies' tests (no servers)
 demo: install
 	$(PY) examples/run_quickstart.py
 	$(PY) examples/governed_agent.py
+	$(PY) -m limenex test examples/
 
 ## services: make sure Redis and PostgreSQL answer on 127.0.0.1 (starts them if stopped)
 services:
