@@ -160,8 +160,10 @@ def test_a_missing_state_file_is_not_created(tmp_path: Path) -> None:
         (["--param", "amount_usd"], "expected name=value, got 'amount_usd'"),
         (["--at", "yesterday"], "not an ISO 8601 time: 'yesterday'"),
         (["--at", "2026-11-24T10:00:00"], "has no UTC offset"),
+        (["--at", "0001-01-01T00:00:00+01:00"], "outside the years 1970 to 8999"),
+        (["--state", "sqlite://rel.db"], "three slashes"),
     ],
-    ids=["not-a-number", "missing", "no-equals", "bad-time", "naive-time"],
+    ids=["not-a-number", "missing", "no-equals", "bad-time", "naive-time", "year-1", "url"],
 )
 def test_bad_input_names_what_is_wrong_and_exits_non_zero(
     tmp_path: Path, args: list[str], message: str

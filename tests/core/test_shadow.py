@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from limenex.audit import AuditLog, BufferedAuditLog, MemorySink
 from limenex.core.decision import Verdict
-from limenex.core.engine import BlockedError, PolicyEngine
+from limenex.core.engine import BlockedError, EscalationRequired, PolicyEngine
 from limenex.core.errors import PolicyFileError
 from limenex.core.policy_store import InMemoryPolicyStore, LocalFilePolicyStore, load_policy_text
 from limenex.core.state import StateStore
@@ -142,23 +142,71 @@ async def test_a_shadow_policy_reports_and_enforced_policies_still_decide(
     assert executed[1].extra["shadow"]["verdict"] == "ESCALATE"
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 async def test_an_enforced_breach_after_a_shadow_breach_carries_both(
-    make_engine: MakeEngine,
+    make_engine: MakeEngine, sync: bool
 ) -> None:
+    """The store refuses at the enforced counter and sends no totals: the shadow total
+    before it is read separately, so the refusal still says what the shadow policy saw."""
     sink = MemorySink()
     engine = make_engine(SHADOW_POLICY, audit_logger=AuditLog(sink))
+    params = {"service": "s", "amount_usd": 20}
     for _ in range(5):
-        await engine.execute("finance.spend", "a", {"service": "s", "amount_usd": 20}, _none)
+        await engine.execute("finance.spend", "a", params, _none)
     with pytest.raises(BlockedError) as blocked:  # the 6th call breaks the enforced counter
-        await engine.execute("finance.spend", "a", {"service": "s", "amount_usd": 20}, _never)
+        await _call(engine, params, sync=sync)
     decision = blocked.value.decision
     assert decision.policy_index == 2
-    # The store refused at the counter, so the shadow total before it was not judged; the
-    # dry run, which reads every total, judges it.
-    dry = await engine.evaluate("finance.spend", "a", {"service": "s", "amount_usd": 20})
-    assert dry.verdict is Verdict.BLOCK
-    assert dry.shadow_verdict is Verdict.ESCALATE
-    assert [d.policy_index for d in dry.shadow] == [1]
+    assert decision.shadow_verdict is Verdict.ESCALATE
+    assert [(d.policy_index, d.observed) for d in decision.shadow] == [(1, 100)]
+    dry = await engine.evaluate("finance.spend", "a", params)
+    assert (dry.verdict, dry.shadow) == (Verdict.BLOCK, decision.shadow)
+    (record,) = [r for r in sink.records if r.event == "blocked"]
+    assert record.extra["shadow"]["verdict"] == "ESCALATE"
+    assert record.extra["shadow"]["policy_index"] == 1
+
+
+async def test_a_shadow_breach_after_the_deciding_policy_is_not_reported(
+    make_engine: MakeEngine,
+) -> None:
+    """With the shadow policy enforced, the earlier enforced one would still decide."""
+    sink = MemorySink()
+    engine = make_engine(
+        """\
+        finance.spend:
+          policies:
+            - {type: deterministic, dimension: spend_usd, param: amount_usd, operator: lt,
+               value: 50, breach_verdict: ESCALATE}
+            - {type: deterministic, dimension: approved_services, param: service,
+               operator: in, values: [openai], breach_verdict: BLOCK, mode: shadow}
+        """,
+        audit_logger=AuditLog(sink),
+    )
+    params = {"service": "aws", "amount_usd": 60}
+    for decision in (
+        await engine.evaluate("finance.spend", "a", params),
+        (await _escalated(engine, params)).decision,
+    ):
+        assert (decision.verdict, decision.shadow, decision.shadow_verdict) == (
+            Verdict.ESCALATE,
+            (),
+            None,
+        )
+    (record,) = [r for r in sink.records if r.event == "escalated"]
+    assert "shadow" not in record.extra
+
+
+async def _call(engine: PolicyEngine, params: dict[str, Any], *, sync: bool) -> None:
+    if sync:
+        engine.execute_sync("finance.spend", "a", params, _never)
+    else:
+        await engine.execute("finance.spend", "a", params, _never)
+
+
+async def _escalated(engine: PolicyEngine, params: dict[str, Any]) -> EscalationRequired:
+    with pytest.raises(EscalationRequired) as escalated:
+        await engine.execute("finance.spend", "a", params, _never)
+    return escalated.value
 
 
 async def test_a_shadow_semantic_rule_is_asked_audited_and_never_enforced(tmp_path: Path) -> None:

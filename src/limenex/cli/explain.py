@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,8 @@ def explain(
         explained = asyncio.run(_explain(policy_store, store, skill, agent_id, arguments, moment))
     except LimenexError as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # never a traceback: say what failed
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     finally:
         store.close()
     if as_json:
@@ -140,8 +142,8 @@ def _open(url: str) -> tuple[str | None, StateStore]:
     scheme, _, rest = url.partition("://")
     if scheme.lower() in ("file", "sqlite"):
         path = rest.partition("?")[0]
-        if scheme.lower() == "sqlite":
-            path = path[1:] if path.startswith("/") else path
+        if scheme.lower() == "sqlite":  # sqlite:///relative.db; anything else from_url refuses
+            path = path[1:] if path.startswith("/") else ""
         if path and not os.path.exists(path):
             return f"no state recorded yet at {path}: every total is 0", from_url("memory://")
     try:
@@ -161,4 +163,13 @@ def _moment(text: str | None) -> float | None:
         raise click.BadParameter(
             f"{text!r} has no UTC offset; add one, e.g. {text}+00:00", param_hint="--at"
         )
+    if not _EARLIEST <= moment < _LATEST:
+        raise click.BadParameter(
+            f"{text!r} is outside the years 1970 to 8999 that state windows can count",
+            param_hint="--at",
+        )
     return moment.timestamp()
+
+
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)

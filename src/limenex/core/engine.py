@@ -59,6 +59,7 @@ from limenex.core.errors import (
     GovernanceSignal,
     InvalidArgumentError,
     LimenexConfigError,
+    LimenexError,
     StateStoreError,
     UnregisteredSkillError,
 )
@@ -273,7 +274,14 @@ class PolicyEngine:
         plan = self._plan(skill_id, agent_id, params, now=now)
         amounts = {name: to_decimal(name, params[name]) for name in plan.skill.amount_params}
         checks = stateful_checks(plan.skill, agent_id, params, amounts)
-        totals = await self.state_store.apeek(checks, now) if checks else ()
+        try:
+            totals = await self.state_store.apeek(checks, now) if checks else ()
+        except LimenexError:
+            raise
+        except Exception as exc:
+            raise StateStoreError(
+                f"reading the totals failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if len(totals) != len(checks):
             raise StateStoreError(f"the store answered {len(totals)} totals for {len(checks)}")
         by_policy = {check.policy_index: total for check, total in zip(checks, totals, strict=True)}
@@ -370,6 +378,8 @@ class PolicyEngine:
                 decision = self._decide_by_totals(plan, totals)
             elif type(outcome) is StateBreach:
                 decision = state_decision(plan, outcome)
+                if plan.shadow_checks and plan.shadow_checks[0] < outcome.position:
+                    await self._ashadow_before(plan, outcome.position)
             else:
                 reservation = outcome  # type: ignore[assignment]  # a Reservation: no cast() call
                 if plan.shadow_checks:
@@ -471,6 +481,8 @@ class PolicyEngine:
                     outcome = store.reserve(plan.checks, self.clock.now())
                     if type(outcome) is StateBreach:
                         decision = state_decision(plan, outcome)
+                        if plan.shadow_checks and plan.shadow_checks[0] < outcome.position:
+                            self._shadow_before(plan, outcome.position)
                     else:
                         reservation = outcome  # type: ignore[assignment]
                         if plan.shadow_checks:
@@ -963,6 +975,25 @@ class PolicyEngine:
 
     # --- semantic rules ---------------------------------------------------------------------
 
+    def _shadow_before(self, plan: Plan, position: int) -> None:
+        """Judge the shadow checks before the one the store refused (it sent no totals).
+
+        A second round trip, only on a refused call with a shadow check before the refusal.
+        The call is refused either way: a failure here loses the shadow entry, nothing more.
+        """
+        try:
+            totals = self.state_store.peek(plan.checks[:position], self.clock.now())
+            shadow_state(plan, totals, position)
+        except Exception:
+            log.exception("limenex: reading totals for the shadow policies failed")
+
+    async def _ashadow_before(self, plan: Plan, position: int) -> None:
+        try:
+            totals = await self.state_store.apeek(plan.checks[:position], self.clock.now())
+            shadow_state(plan, totals, position)
+        except Exception:
+            log.exception("limenex: reading totals for the shadow policies failed")
+
     def _decide_by_totals(self, plan: Plan, totals: tuple[Decimal, ...]) -> Decision | None:
         """The first breach among the planned checks given these totals, else the plan's own.
 
@@ -1411,8 +1442,22 @@ def _judged(plan: Plan) -> dict[str, Any]:
 
 
 def _with_shadow(plan: Plan, decision: Decision) -> Decision:
-    """``decision`` carrying what the plan's shadow policies would have decided."""
-    return decision if plan.shadow is None else decision.with_shadow(plan.shadow_breaches())
+    """``decision`` carrying what the plan's shadow policies would have decided.
+
+    Only shadow breaches before the deciding policy count (with them enforced, a later one
+    would not have been reached); the plan keeps only those too, for the audit record.
+    """
+    if plan.shadow is None:
+        return decision
+    decided = decision.policy_index
+    if decided is not None:
+        earlier = [
+            d for d in plan.shadow if d.policy_index is not None and d.policy_index < decided
+        ]
+        plan.shadow = earlier or None
+        if not earlier:
+            return decision
+    return decision.with_shadow(plan.shadow_breaches())
 
 
 class _Yield:
