@@ -418,13 +418,13 @@ def test_threads_calling_during_reloads_always_see_one_complete_valid_set(
     for thread in threads:
         thread.start()
     try:
-        for n in range(2, 40):
+        for n in range(2, 14):
             if n % 5 == 0:  # a broken edit, written in place, is refused
                 write(path, TWO_SKILLS.format(v=n).replace("param:", "parm:"))
             else:  # a good one, by rename
                 temp = write(tmp_path / "p.yaml.tmp", TWO_SKILLS.format(v=n))
                 os.replace(temp, path)
-            time.sleep(0.005)
+            time.sleep(0.15)  # past the settle time: each good edit may be applied
         write(path, TWO_SKILLS.format(v=100))
         wait_for(lambda: "100" in seen)
     finally:
@@ -537,3 +537,66 @@ def test_an_approval_does_not_survive_a_reload_that_changes_its_policies(
         engine.resume_sync(request_id)
     assert refused.value.why == "policies"
     assert paid == []
+
+
+# --- found by review --------------------------------------------------------------------------
+
+
+def test_a_chdir_does_not_swap_in_another_folders_policy_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative names are read from the folder they were given in, however the process
+    moves later: an agent's tool entering a workspace with a lax policy file changes nothing."""
+    project, workspace = tmp_path / "project", tmp_path / "workspace"
+    for folder, value in ((project, 100), (workspace, 10_000)):
+        (folder / ".limenex").mkdir(parents=True)
+        write(folder / ".limenex" / "policies.yaml", cap(value))
+    monkeypatch.chdir(project)
+    store = LocalFilePolicyStore(reload_interval=FAST)
+    monkeypatch.chdir(workspace)
+    run_checks(store, 0.3)
+    assert limit(store) == [100]
+    write(project / ".limenex" / "policies.yaml", cap(50))  # its own file is still watched
+    wait_for(lambda: limit(store) == [50])
+
+
+def test_a_file_being_written_is_not_applied_until_it_stands_still(tmp_path: Path) -> None:
+    """A half-written file can parse with policies missing: it must not be applied."""
+    path = write(tmp_path / "p.yaml", cap(100) + DENY)
+    store = LocalFilePolicyStore(path, reload_interval=0.01)
+    events: list[PolicyReload] = []
+    store.subscribe(events.append)
+    with path.open("w") as half:  # truncate, then write only the first policy
+        half.write(cap(100))
+        half.flush()
+        run_checks(store, 0.05)  # well inside the settle time: never applied
+        assert events == []
+        assert len(store.get("finance.spend").policies) == 2  # type: ignore[union-attr]
+        half.write(DENY.replace("aws", "gcp"))
+    wait_for(told(store, events))
+    (event,) = events
+    assert event.ok
+    assert store.get("finance.spend").policies[1].values == ("gcp",)  # type: ignore[union-attr]
+
+
+DENY = """\
+    - type: deterministic
+      dimension: denied_services
+      param: service
+      operator: not_in
+      values: [aws]
+      breach_verdict: BLOCK
+"""
+
+
+def test_an_engine_dropped_without_close_is_collected(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    store = LocalFilePolicyStore(write(tmp_path / "p.yaml", cap(100)), reload_interval=FAST)
+    engines = [PolicyEngine(store, InMemoryStateStore(), audit_logger=False) for _ in range(20)]
+    refs = [weakref.ref(engine) for engine in engines]
+    del engines
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 20
+    assert store._listeners == []  # their subscriptions ended with them

@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from concurrent.futures import Future
 from decimal import Decimal
@@ -210,10 +211,13 @@ class PolicyEngine:
         self._orphans: set[asyncio.Future[None]] = set()
         _telemetry.load_configured_providers()  # those OTEL_PYTHON_*_PROVIDER name
         # A store that reloads edited files (LocalFilePolicyStore) says so: it is audited.
+        # The store holds only a weak reference: an engine dropped without close() is
+        # collected, and its subscription ends with it.
         subscribe = getattr(policy_store, "subscribe", None)
-        self._unsubscribe: Callable[[], object] | None = (
-            subscribe(self._policies_reloaded) if callable(subscribe) else None
-        )
+        self._unsubscribe: Callable[[], object] | None = None
+        if callable(subscribe):
+            self._unsubscribe = subscribe(_weak_listener(self))
+            weakref.finalize(self, self._unsubscribe)
 
     # --- public API -----------------------------------------------------------------------
 
@@ -1397,6 +1401,17 @@ class PolicyEngine:
     @staticmethod
     def _failure(skill_id: str, agent_id: str, what: str, exc: BaseException) -> Decision:
         return _failure_decision(skill_id, agent_id, what, exc)
+
+
+def _weak_listener(engine: PolicyEngine) -> Callable[[PolicyReload], None]:
+    ref = weakref.ref(engine)
+
+    def on_reload(event: PolicyReload) -> None:
+        alive = ref()
+        if alive is not None:
+            alive._policies_reloaded(event)
+
+    return on_reload
 
 
 def _count(n: int, noun: str) -> str:

@@ -126,6 +126,9 @@ class PolicyReload:
         return self.policy_set.counts
 
 
+_SETTLE_NS = 100_000_000
+"""A changed file is loaded once it has not been written for this long (0.1 s)."""
+
 _RECENT_NS = 3_000_000_000
 """A file written this recently (by its mtime) is read to check, whatever its stat says:
 a coarse clock can give two writes within a tick one mtime, and one size."""
@@ -154,9 +157,11 @@ class LocalFilePolicyStore:
 
     One thread checks at a time; the others go on with the policies in force, without
     waiting. The check runs in the thread (or on the event loop) of the call that found it
-    due, and a reload parses the YAML there: a few milliseconds, once per edit. Write a file
-    in one step (to a temporary file, then rename it over) so that a check never reads a
-    half-written one.
+    due, and a reload parses the YAML there: a few milliseconds, once per edit. A changed
+    file is loaded once it has not been written for 0.1 s, so that a file rewritten in place
+    is not read half-way (writing to a temporary file and renaming it over is safer still).
+    Relative names are read from the folder the store was made in, whatever the current
+    folder is later.
 
     :meth:`reload` reads the files now, whether they changed or not; if the new version is
     invalid it raises :class:`PolicyFileError` (after telling the listeners) and the store
@@ -176,11 +181,14 @@ class LocalFilePolicyStore:
                 f"reload_interval must be a number of seconds, or None, got {reload_interval!r}"
             )
         self.path = Path(path)
+        # Relative names are read from the folder they were given in, always: a later chdir
+        # (an agent's tool moving into a workspace) must not swap in another project's file.
+        self._base = Path.cwd()
         self.reload_interval = float(reload_interval) if reload_interval else None
         self._lock = threading.RLock()
         self._listeners: list[Callable[[PolicyReload], object]] = []
         self._seen: dict[str, _Seen] = {}
-        self._policy_set = _load_file(self.path, str(self.path), self._seen)
+        self._policy_set = _load_file(self.path, str(self.path), self._seen, self._base)
         self._next_check = self._due()
 
     @property
@@ -230,6 +238,9 @@ class LocalFilePolicyStore:
                 return  # another thread just checked
             self._next_check = self._due()
             if self._changed():
+                if self._being_written():  # a writer may be half-way: look again shortly
+                    self._next_check = time.monotonic() + _SETTLE_NS / 1e9
+                    return
                 self._load(explicit=False)
         except Exception:  # a bug here must not stop the calls: the policies stay in force
             log.exception("limenex: checking %s for changes failed", self.path)
@@ -252,11 +263,25 @@ class LocalFilePolicyStore:
             self._seen[name] = (current, digest)  # touched, not changed
         return False
 
+    def _being_written(self) -> bool:
+        """Whether a watched file was written in the last :data:`_SETTLE_NS`.
+
+        A file rewritten in place (truncated, then written) can parse while half-written,
+        with policies or list entries missing: such a version is never applied, because a
+        change is loaded only once its files have stood still for a moment.
+        """
+        now = time.time_ns()
+        for name in self._seen:
+            current = _signature(name)
+            if current is not None and 0 <= now - current[0] < _SETTLE_NS:
+                return True
+        return False
+
     def _load(self, *, explicit: bool) -> PolicyFileError | None:
         """Load the files (holding the lock), swap the set in if valid, tell the listeners."""
         seen: dict[str, _Seen] = {}
         try:
-            policy_set = _load_file(self.path, str(self.path), seen)
+            policy_set = _load_file(self.path, str(self.path), seen, self._base)
         except PolicyFileError as exc:
             error: PolicyFileError | None = exc
         except Exception as exc:  # not expected from the loader: refused all the same
@@ -320,9 +345,17 @@ def load_policy_file(path: str | os.PathLike[str]) -> PolicySet:
     return _load_file(Path(path), str(path))
 
 
-def _load_file(path: Path, display: str, seen: dict[str, _Seen] | None = None) -> PolicySet:
-    """:func:`load_policy_file`; ``seen`` gets every file read or tried (see :func:`_read`)."""
-    return _load(_read(path, display, seen), display, seen)
+def _load_file(
+    path: Path, display: str, seen: dict[str, _Seen] | None = None, base: Path | None = None
+) -> PolicySet:
+    """:func:`load_policy_file`; ``seen`` gets every file read or tried (see :func:`_read`);
+    relative names are read below ``base`` (the current folder when ``None``)."""
+    return _load(_read(_at(base, path), display, seen), display, seen, base)
+
+
+def _at(base: Path | None, path: Path) -> Path:
+    """Where ``path`` is on disk: below ``base`` when it is relative."""
+    return path if base is None or path.is_absolute() else base / path
 
 
 def load_policy_text(text: str, path: str = "<string>") -> PolicySet:
@@ -350,11 +383,14 @@ class _Merged:
     policy_origins: dict[str, list[_Origin]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     seen: dict[str, _Seen] | None = None  # for the hot reload: every file read or tried
+    base: Path | None = None  # the folder relative names are read from (None: the current)
 
 
-def _load(text: str, path: str, seen: dict[str, _Seen] | None = None) -> PolicySet:
-    merged = _Merged(seen=seen)
-    own = None if path.startswith("<") else Path(path).resolve()
+def _load(
+    text: str, path: str, seen: dict[str, _Seen] | None = None, base: Path | None = None
+) -> PolicySet:
+    merged = _Merged(seen=seen, base=base)
+    own = None if path.startswith("<") else _at(base, Path(path)).resolve()
     _merge_file(text, path, merged, () if own is None else ((own, path),))
     skills = {
         skill_id: SkillPolicies(
@@ -377,13 +413,14 @@ def _merge_file(text: str, path: str, merged: _Merged, chain: tuple[tuple[Path, 
     if parsed.extends is not None:
         target, key_node = parsed.extends
         parent_path = (Path.cwd() if path.startswith("<") else Path(path).parent) / target
-        parent = parent_path.resolve()
+        on_disk = _at(merged.base, parent_path)
+        parent = on_disk.resolve()
         names = [name for _, name in chain]
         if parent in (resolved for resolved, _ in chain):
             cycle = " → ".join([*names, str(parent_path)])
             raise parsed.error(f"_extends cycle: {cycle}", key_node, key=EXTENDS)
         try:
-            parent_text = _read(parent_path, str(parent_path), merged.seen)
+            parent_text = _read(on_disk, str(parent_path), merged.seen)
         except PolicyFileError as exc:
             problem = f"cannot read {exc.path}: {exc.problem}"
             raise parsed.error(problem, key_node, key=EXTENDS) from None
@@ -408,9 +445,10 @@ def _merge_file(text: str, path: str, merged: _Merged, chain: tuple[tuple[Path, 
 def _read(path: Path, display: str, seen: dict[str, _Seen] | None = None) -> str:
     """The text of a policy file; a missing or unreadable file is a ``PolicyFileError``.
 
-    ``seen`` gets ``display`` mapped to what was found (:data:`_Seen`), readable or not.
+    ``seen`` gets the file's absolute name mapped to what was found (:data:`_Seen`),
+    readable or not.
     """
-    signature = None if seen is None else _signature(display)
+    signature = None if seen is None else _signature(str(path))
     data: bytes | None = None
     try:
         data = path.read_bytes()
@@ -427,7 +465,7 @@ def _read(path: Path, display: str, seen: dict[str, _Seen] | None = None) -> str
             problem = f"not UTF-8 text (byte {exc.start})"
     finally:
         if seen is not None:
-            seen[display] = (signature, None if data is None else _digest(data))
+            seen[str(path.absolute())] = (signature, None if data is None else _digest(data))
     raise PolicyFileError(problem, path=display)
 
 
