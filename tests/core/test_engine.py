@@ -1073,3 +1073,26 @@ async def test_a_call_cancelled_while_its_store_reserves_releases_what_lands_lat
     assert spend_total(store) == 0  # ...and was released
     assert store.pending(0.0) == []
     assert ledger.paid == []
+
+
+def test_a_nul_byte_in_a_path_param_is_refused_naming_it() -> None:
+    """Found by review: it was a fail-closed BLOCK ("policy evaluation failed") instead of
+    the input refusal that names the argument."""
+    from limenex.core.errors import InvalidArgumentError
+    from limenex.core.policy_store import InMemoryPolicyStore
+
+    engine = PolicyEngine(
+        InMemoryPolicyStore.from_yaml(
+            "files.read:\n  policies:\n"
+            "    - {type: deterministic, dimension: protected, param: path, operator: not_in,"
+            " values: [/etc], match: path, breach_verdict: BLOCK}\n"
+        ),
+        "memory://",
+        audit_logger=False,
+    )
+    for call in (engine.evaluate_sync, lambda *a: engine.execute_sync(*a, lambda: None)):
+        with pytest.raises(InvalidArgumentError) as refused:
+            call("files.read", "a", {"path": "/tmp/a\0b"})
+        assert refused.value.argument == "path"
+        assert not refused.value.decision.fail_closed
+    engine.close()

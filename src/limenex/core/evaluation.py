@@ -48,6 +48,7 @@ _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (ho
 _isfinite = math.isfinite
 # What plan_call checks about an argument a policy reads.
 _AMOUNT, _CUMULATIVE_AMOUNT, _TEXT, _SCOPE = "amount", "cumulative amount", "text", "scope"
+_PATH = "path"
 _SYMBOLS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">=", "eq": "==", "neq": "!="}
 _ONE = Decimal(1)
 
@@ -218,6 +219,7 @@ class CompiledSkill:
         amount_params: dict[str, None] = {}
         cumulative: set[str] = set()
         set_params: dict[str, None] = {}
+        path_params: set[str] = set()
         scope_params: dict[str, None] = {}
         for index, policy in enumerate(self.policies):
             shadow = source.policy_mode(index) == "shadow"
@@ -231,6 +233,8 @@ class CompiledSkill:
             if kind == "set":
                 step: _Step = _Set(index, policy, shadow)
                 set_params[_param(policy)] = None
+                if policy.match == "path":
+                    path_params.add(_param(policy))
             elif kind == "per_call":
                 step = _PerCall(index, policy, shadow)
                 amount_params[_param(policy)] = None
@@ -250,7 +254,7 @@ class CompiledSkill:
         self.set_params = tuple(set_params)
         self.scope_params = tuple(scope_params)
         checks: dict[str, str] = {name: _SCOPE for name in scope_params}
-        checks.update((name, _TEXT) for name in set_params)
+        checks.update((name, _PATH if name in path_params else _TEXT) for name in set_params)
         checks.update(
             (name, _CUMULATIVE_AMOUNT if name in cumulative else _AMOUNT) for name in amount_params
         )
@@ -465,6 +469,11 @@ def plan_call(
             amounts[name] = to_decimal(name, value, allow_negative=kind is _AMOUNT)
         elif kind is _TEXT:
             _require_text(name, value)
+        elif kind is _PATH:
+            if "\0" in _require_text(name, value):  # no file has such a name: refuse it
+                raise InvalidArgumentError(
+                    f"argument {name!r} is a path and must not contain a NUL byte", argument=name
+                )
         else:
             _require_scope_value(name, value)
 
