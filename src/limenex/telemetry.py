@@ -29,18 +29,26 @@ children. Attributes:
 ``limenex.dry_run``            ``true`` for ``evaluate``: nothing ran, nothing changed
 ``limenex.resumed``            ``true`` for the resume of an approved request
 ``error.type``                 the exception's class, when the span's status is ``ERROR``
+                               (for a fail-closed BLOCK: the failure's class when the
+                               engine raised the BLOCK from it, ``_OTHER`` when it is not at
+                               hand, as for ``evaluate``, which returns the decision)
 =============================  ==========================================================
 
-The status is ``ERROR`` when the executor raised (its exception is recorded on the span and
-propagates unchanged; the verdict stays ``ALLOW``), on a fail-closed BLOCK, on a refused
-input or an unregistered skill (verdict ``BLOCK``), and when the call failed before any
-verdict (an approval refused on resume). A BLOCK or ESCALATE by a policy is the engine
-working, not an error: status unset.
+The status is ``ERROR``, described by the ``error.type`` alone, when the executor raised
+(the verdict stays ``ALLOW``), on a fail-closed BLOCK (``execute`` or ``evaluate``), on a
+refused input or an unregistered skill (verdict ``BLOCK``), and when the call failed before
+any verdict (an approval refused on resume). A BLOCK or ESCALATE by a policy is the engine
+working, not an error: status unset. The executor's exception propagates unchanged to the
+caller; the span gets an ``exception`` event with its ``exception.type`` only: no
+``exception.message``, no ``exception.stacktrace``, since either may quote params (the
+traceback holds the whole ``__cause__``/``__context__`` chain, a nested governed call's
+refusal included).
 
-**No params and no reason on spans.** Spans leave the process without the audit log's
-redaction, and a call's params may hold secrets; a decision's reason may quote them
-(``service 'x' is not in [...]``). A span names the deciding policy instead (index, type,
-dimension); the audit log keeps the params and the reason, redacted.
+**No params, no reason and no exception message on spans.** Spans leave the process
+without the audit log's redaction, and a call's params may hold secrets; a decision's reason
+may quote them (``service 'x' is not in [...]``), and so may an exception's message or
+traceback. A span names the deciding policy instead (index, type, dimension) and an
+exception by its type; the audit log keeps the params and the reason, redacted.
 
 **Metrics** (meter ``limenex``): a counter ``limenex.decisions`` (one per decision;
 attributes ``limenex.skill``, ``limenex.verdict``, and ``limenex.outcome`` for an allowed
@@ -85,6 +93,9 @@ DURATION_BUCKETS = (
 )
 """Advised histogram buckets, in seconds: a call takes microseconds in memory, a
 millisecond on a remote store, seconds when a model judges a semantic rule."""
+
+FAIL_CLOSED_OTHER = "_OTHER"
+"""``error.type`` of a fail-closed BLOCK whose failure is not at hand (see ``_Call``)."""
 
 _modules = sys.modules
 
@@ -241,6 +252,8 @@ class _Call:
     def decided(self, decision: Decision) -> None:
         """End the call on a decision returned (``evaluate``): no executor ran."""
         try:
+            if decision.fail_closed:  # returned, not raised: the failure is not at hand
+                self._fail_closed(None)
             self._end(decision.verdict.value, decision, perf_counter() - self.started, None)
         except Exception:
             log.exception("limenex: recording the telemetry of a call failed")
@@ -268,8 +281,7 @@ class _Call:
     def _raised(self, exc: BaseException) -> None:
         if self.acted is not None:  # the executor ran: the verdict was ALLOW
             if isinstance(exc, Exception):
-                if not isinstance(exc, LimenexError):  # ours quote params (a nested call's)
-                    self.span.record_exception(exc)
+                self._exception(exc)
                 self._error(exc)
                 self._allowed("failed")
             else:  # cancelled or interrupted: the engine counts the amount as spent
@@ -281,8 +293,8 @@ class _Call:
             return
         if isinstance(exc, EscalationRequired):
             self.span.set_attribute("limenex.request_id", exc.request_id)
-        if decision.fail_closed:  # the failure the BLOCK stands for
-            self._error(exc if exc.__cause__ is None else exc.__cause__)
+        if decision.fail_closed:
+            self._fail_closed(exc.__cause__)
         elif decision.policy_index is None:  # a refused input or an unregistered skill
             self._error(exc)
         self._end(decision.verdict.value, decision, perf_counter() - self.started, None)
@@ -329,9 +341,31 @@ class _Call:
         self.span.set_attributes(attributes)
 
     def _error(self, exc: BaseException) -> None:
-        kind = type(exc).__qualname__
+        self._error_type(type(exc).__qualname__)
+
+    def _error_type(self, kind: str) -> None:
+        """Status ``ERROR`` described by ``kind`` alone, which is also ``error.type``."""
         self.span.set_attribute("error.type", kind)
         self.span.set_status(self.otel.error_status, kind)
+
+    def _fail_closed(self, cause: BaseException | None) -> None:
+        """Mark a fail-closed BLOCK: ``error.type`` is the class of the failure the engine
+        chained to its ``BlockedError`` (``raise ... from``), else ``_OTHER`` (OpenTelemetry's
+        value for an error of no known type): a decision returned by ``evaluate``, or one
+        raised without its cause, carries the failure only in its reason, which stays off
+        spans."""
+        self._error_type(FAIL_CLOSED_OTHER if cause is None else type(cause).__qualname__)
+
+    def _exception(self, exc: BaseException) -> None:
+        """Record the executor's exception as an ``exception`` event with its type alone.
+
+        Never ``record_exception``: its ``exception.message`` and ``exception.stacktrace``
+        (which holds the whole ``__cause__``/``__context__`` chain) may quote params, the
+        executor's own or a nested governed call's refusal."""
+        kind = type(exc)
+        module = kind.__module__
+        name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+        self.span.add_event("exception", {"exception.type": name})
 
     def _close(self) -> None:
         try:

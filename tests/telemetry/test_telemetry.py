@@ -181,6 +181,20 @@ def attrs(span: ReadableSpan) -> dict[str, Any]:
     return dict(span.attributes or {})
 
 
+SECRET = "sk-live-4242SECRET"  # noqa: S105 - a fake secret to look for
+
+
+def assert_no_secret(spans: Sequence[ReadableSpan], secret: str = SECRET) -> None:
+    """``secret`` is in no span's name, attribute, event or status description."""
+    assert spans
+    for span in spans:
+        values = [span.name, str(span.status.description)]
+        values += [str(v) for v in attrs(span).values()]
+        for event in span.events:
+            values += [event.name, *(str(v) for v in (event.attributes or {}).values())]
+        assert not [v for v in values if secret in v], span.name
+
+
 # --- spans ------------------------------------------------------------------------------------
 
 
@@ -241,7 +255,7 @@ async def test_escalate_span_carries_the_approval_request_id(
 async def test_executor_error_propagates_unchanged_and_marks_the_span(
     otel: Otel, make_spend_skill: Any, sync: bool
 ) -> None:
-    boom = ConnectionError("provider unreachable")
+    boom = ConnectionError(f"provider unreachable with key {SECRET}")
 
     def failing(amount_usd: Any) -> None:
         raise boom
@@ -249,16 +263,17 @@ async def test_executor_error_propagates_unchanged_and_marks_the_span(
     spend = make_spend_skill(failing)
     with pytest.raises(ConnectionError) as raised:
         await spend(sync)
-    assert raised.value is boom
+    assert raised.value is boom  # the caller gets it whole, message and traceback
     span = otel.span()
     got = attrs(span)
     assert got["limenex.verdict"] == "ALLOW"  # the engine allowed it; the executor failed
     assert got["limenex.outcome"] == "failed"
     assert got["error.type"] == "ConnectionError"
     assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "ConnectionError"
     assert [event.name for event in span.events] == ["exception"]
-    event_attrs = dict(span.events[0].attributes or {})
-    assert event_attrs["exception.type"].endswith("ConnectionError")
+    assert dict(span.events[0].attributes or {}) == {"exception.type": "ConnectionError"}
+    assert_no_secret(otel.spans())
 
 
 def test_interrupted_executor_is_an_allowed_call_interrupted(
@@ -339,21 +354,31 @@ async def test_evaluate_is_a_dry_run_span(otel: Otel, make_spend_skill: Any, syn
     assert "limenex.outcome" not in got
 
 
+@pytest.mark.parametrize("sync", SYNC)
 async def test_evaluate_with_the_store_down_is_a_fail_closed_dry_run(
-    otel: Otel, make_spend_skill: Any
+    otel: Otel, make_spend_skill: Any, sync: bool
 ) -> None:
     class PeekDown(InMemoryStateStore):
         def peek(self, checks: Sequence[Check], now: float) -> Any:
             raise StateStoreError("down")
 
     engine = make_spend_skill(state_store=PeekDown()).engine
-    decision = engine.evaluate_sync(
-        "finance.spend", "bot-1", {"service": "openai", "amount_usd": 1}
-    )
+    params = {"service": "openai", "amount_usd": 1}
+    if sync:
+        decision = engine.evaluate_sync("finance.spend", "bot-1", params)
+    else:
+        decision = await engine.evaluate("finance.spend", "bot-1", params)
     assert decision.fail_closed
-    got = attrs(otel.span())
+    span = otel.span()
+    got = attrs(span)
     assert got["limenex.verdict"] == "BLOCK"
     assert got["limenex.fail_closed"] is True
+    assert got["limenex.dry_run"] is True
+    # the decision is returned, not raised: the failure's class is only in its reason
+    assert got["error.type"] == "_OTHER"
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "_OTHER"
+    assert not span.events
 
 
 @pytest.mark.parametrize("sync", SYNC)
@@ -439,7 +464,65 @@ async def test_a_blocked_nested_call_fails_the_outer_one_without_its_reason(
     assert attrs(outer_span)["limenex.verdict"] == "ALLOW"
     assert attrs(outer_span)["limenex.outcome"] == "failed"
     assert attrs(outer_span)["error.type"] == "BlockedError"
-    assert not outer_span.events
+    assert [dict(event.attributes or {}) for event in outer_span.events] == [
+        {"exception.type": "limenex.core.errors.BlockedError"}
+    ]
+
+
+class ToolError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("sync", SYNC)
+async def test_a_wrapped_nested_refusal_leaves_its_params_off_every_span(
+    otel: Otel, sync: bool
+) -> None:
+    """An executor that wraps a nested call's refusal (``raise ToolError(...) from e``):
+    the refusal quotes a secret param and sits in the outer exception's ``__cause__``, which
+    an exported stack trace would carry; spans get the outer exception's type alone."""
+    engine = PolicyEngine(
+        InMemoryPolicyStore.from_yaml(POLICY), InMemoryStateStore(), audit_logger=False
+    )
+
+    @engine.governed("comms.send")
+    def send(agent_id: str, recipient: str, text: str) -> None:
+        return None
+
+    def pay(amount_usd: Any) -> None:
+        try:
+            send(agent_id="bot-1", recipient=SECRET, text="receipt")
+        except BlockedError as e:
+            raise ToolError(f"could not send the receipt: {e}") from e
+
+    async def apay(amount_usd: Any) -> None:
+        pay(amount_usd)
+
+    spend = make_spend(engine, {"openai": apay})
+
+    @engine.governed("finance.spend")
+    def spend_sync(agent_id: str, service: str, amount_usd: Any) -> None:
+        pay(amount_usd)
+
+    async def call() -> None:
+        if sync:
+            spend_sync(agent_id="bot-1", service="openai", amount_usd=1)
+        else:
+            await spend(agent_id="bot-1", service="openai", amount_usd=1)
+
+    with pytest.raises(ToolError) as raised:
+        await call()
+    assert SECRET in str(raised.value.__cause__)  # the caller still gets the whole chain
+    inner_span, outer_span = otel.spans()
+    assert attrs(inner_span)["limenex.verdict"] == "BLOCK"
+    assert attrs(outer_span)["error.type"] == "ToolError"
+    assert outer_span.status.status_code is StatusCode.ERROR
+    assert outer_span.status.description == "ToolError"
+    (event,) = outer_span.events
+    assert event.name == "exception"
+    assert set(event.attributes or {}) == {"exception.type"}  # no message, no stack trace
+    assert str((event.attributes or {})["exception.type"]).endswith("ToolError")
+    assert_no_secret([inner_span, outer_span])
+    engine.close()
 
 
 async def test_decision_duration_excludes_the_executor(otel: Otel, make_spend_skill: Any) -> None:
@@ -466,7 +549,7 @@ async def test_no_param_value_reaches_a_span(otel: Otel) -> None:
     def send(agent_id: str, recipient: str, text: str) -> None:
         return None
 
-    secret = "sk-live-4242SECRET"  # noqa: S105 - a fake secret to look for
+    secret = SECRET
     send(agent_id="bot-1", recipient="ana@example.com", text=secret)
     with pytest.raises(BlockedError) as blocked:
         send(agent_id="bot-1", recipient=secret, text="hi")
