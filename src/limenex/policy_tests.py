@@ -26,9 +26,14 @@ model). Given calls really reserve and commit state; the case's call is a dry ru
 A failing case shows the per-policy trace of its call
 (:meth:`~limenex.core.engine.PolicyEngine.explain_sync`, on the same engine and state).
 
+A call the engine blocks fail-closed (a policy it cannot evaluate) gets that BLOCK, as a
+real call would; a given call that is not ALLOWed, or raises, is a case error naming it.
+
 Test files load as strictly as policy files: unknown keys, wrong types, a skill, dimension,
 policy or rule the policy file does not have are :class:`~limenex.core.errors.PolicyFileError`
-naming the file, the line and the key. From pytest::
+naming the file, the line and the key. So is a dimension or rule text that names several
+policies of the skill (a soft and a hard limit): a case gives the position instead. From
+pytest::
 
     result = run_test_file("policies/spend.test.yaml")
     assert result.passed, result.report()
@@ -51,7 +56,7 @@ from yaml.nodes import MappingNode, Node
 from limenex.approvals import InMemoryApprovalStore
 from limenex.core.decision import Decision, Verdict
 from limenex.core.engine import PolicyEngine
-from limenex.core.errors import GovernanceSignal, LimenexConfigError, LimenexError, PolicyFileError
+from limenex.core.errors import GovernanceSignal, LimenexConfigError, PolicyFileError
 from limenex.core.evaluation import _Stateful, compile_skill
 from limenex.core.explain import PolicyTrace
 from limenex.core.policy import (
@@ -96,6 +101,7 @@ DEFAULT_NOW = datetime.fromtimestamp(1_750_000_000, UTC)
 Answer = Literal["holds", "breached"]
 _ANSWERS = ("holds", "breached")
 _VERDICTS = tuple(v.value for v in Verdict)
+_MAX_TIMES = 100_000
 
 
 # --- the format ---------------------------------------------------------------------------
@@ -176,6 +182,14 @@ def _policy_ref(value: object) -> int | str:
     )
 
 
+def _times(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"expected a whole number, got {describe_input(value)}")
+    if not 1 <= value <= _MAX_TIMES:
+        raise _invalid(f"expected a whole number from 1 to {_MAX_TIMES:,}, got {value}")
+    return value
+
+
 def _params(value: object) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
@@ -208,7 +222,7 @@ class GivenCall(_Model):
     skill: Name
     agent: Name
     params: Params = Field(default_factory=dict)
-    times: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 1
+    times: Annotated[int, PlainValidator(_times)] = 1
     at: Moment | None = None
 
 
@@ -434,13 +448,26 @@ def _check_case(loaded: PolicyTestFile, index: int, case: PolicyCase, document: 
                     f"{'policy' if len(policies) == 1 else 'policies'}, not {ref}",
                     (*at, "expect", key),
                 )
-        elif not any(_names(policy, ref) for policy in policies):
+            continue
+        positions = [str(n) for n, policy in enumerate(policies, 1) if _names(policy, ref)]
+        if not positions:
             names = [_label(policy) for policy in policies]
             raise document.fail(
                 f"no policy of {case.call.skill} has the dimension or rule {ref!r}",
                 (*at, "expect", key),
                 did_you_mean(ref, names) or f"its policies: {', '.join(names) or 'none'}",
             )
+        if len(positions) > 1:  # soft and hard limits may share a dimension: which one?
+            raise document.fail(
+                f"{_quoted(ref)} names policies {_listed(positions, 'and')} of "
+                f"{case.call.skill}; write its position: {_listed(positions, 'or')}",
+                (*at, "expect", key),
+            )
+
+
+def _listed(items: list[str], last: str) -> str:
+    """``1, 2 and 3``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
 
 
 def _all_policies(policy_set: PolicySet) -> Iterable[Policy]:
@@ -481,6 +508,13 @@ def _counter_keys(policy_set: PolicySet, total: GivenTotal) -> list[tuple[Counte
     if total.amount < 0:
         raise _Problem("a running total cannot be negative", ("amount",))
     names = {name for step in steps.values() for name in step.scope if name != "global"}
+    if total.agent is not None and "agent" not in names:
+        kept = (
+            "across all agents (scope: global)"
+            if not names
+            else f"per {', '.join(sorted(names))}, not per agent"
+        )
+        raise _Problem(f"{total.dimension} is kept {kept}: remove agent:", ("agent",))
     for name in total.params:
         if name not in names:
             scope = ", ".join(sorted(names)) if names else "global"
@@ -655,6 +689,8 @@ def run_case(test_file: PolicyTestFile, case: PolicyCase) -> CaseResult:
         clock.set(now)
         try:
             decision = engine.evaluate_sync(case.call.skill, case.call.agent, case.call.params)
+        except GovernanceSignal as exc:  # fail-closed: what a real call gets, so expectable
+            decision = exc.decision
         except LimenexConfigError as exc:
             return _replace(result, error=f"the call was refused before evaluation: {exc}")
         if evaluator.missing:
@@ -670,7 +706,7 @@ def _trace(engine: PolicyEngine, call: Call) -> tuple[PolicyTrace, ...] | None:
     """The per-policy trace of the case's call, on the same engine and state (best effort)."""
     try:
         return engine.explain_sync(call.skill, call.agent, call.params, judge=True).trace
-    except LimenexError:  # a diagnosis only: the case's result stands without it
+    except Exception:  # a diagnosis only: the case's result stands without it
         return None
 
 
@@ -703,9 +739,17 @@ def _run_given(engine: PolicyEngine, given: GivenCall, evaluator: _Answers) -> s
         return f"was {verdict}, not ALLOW{reason}"
     except LimenexConfigError as exc:
         return f"was refused before evaluation: {exc}"
+    except Exception as exc:  # whatever it is, the case cannot be decided: say which call
+        return f"raised {_failure(exc)}"
     if evaluator.missing:  # a later policy allowed, but the case is incomplete
         return _missing(evaluator.missing)
     return None
+
+
+def _failure(exc: BaseException) -> str:
+    """``ValueError: embedded null byte``."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _nothing() -> None:

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+import limenex.cli.policy_tests
+import limenex.core.engine
 from limenex.cli import main
 from limenex.core.errors import PolicyFileError
 from limenex.policy_tests import load_test_file, run_test_file
@@ -162,6 +165,87 @@ def test_the_right_verdict_by_the_wrong_policy_fails(tmp_path: Path) -> None:
     assert "    expected  BLOCK by policy 1 (single_spend_usd)\n" in out
     assert "    got       BLOCK by policy 2 (approved_services)\n" in out
     assert "    differs   policy\n" in out
+
+
+SOFT_AND_HARD = """\
+finance.spend:
+  policies:
+    - {type: deterministic, dimension: spend_usd, param: amount_usd, operator: lt, value: 50,
+       breach_verdict: ESCALATE}
+    - {type: deterministic, dimension: spend_usd, param: amount_usd, operator: lt, value: 100,
+       breach_verdict: BLOCK}
+    - {type: semantic, rule: Stay on task., breach_verdict: ESCALATE}
+    - {type: semantic, rule: Stay on task., breach_verdict: BLOCK, mode: shadow}
+    - {type: schedule, dimension: office_hours, hours: "09:00-17:00", breach_verdict: ESCALATE}
+    - {type: schedule, dimension: office_hours, hours: "08:00-18:00", breach_verdict: BLOCK}
+"""
+
+
+@pytest.mark.parametrize(
+    ("expect", "error"),
+    [
+        (
+            "{verdict: ESCALATE, policy: spend_usd}",
+            "policy: spend_usd names policies 1 and 2 of finance.spend; write its position: 1 or 2",
+        ),
+        (
+            "{verdict: ESCALATE, shadow_policy: spend_usd}",
+            "shadow_policy: spend_usd names policies 1 and 2 of finance.spend; "
+            "write its position: 1 or 2",
+        ),
+        (
+            '{verdict: ESCALATE, policy: "Stay on task."}',
+            'policy: "Stay on task." names policies 3 and 4 of finance.spend; '
+            "write its position: 3 or 4",
+        ),
+        (
+            "{verdict: ESCALATE, policy: office_hours}",
+            "policy: office_hours names policies 5 and 6 of finance.spend; "
+            "write its position: 5 or 6",
+        ),
+    ],
+    ids=["dimension", "shadow-policy", "semantic-rule", "schedule"],
+)
+def test_a_name_shared_by_two_policies_of_the_skill_is_refused(
+    tmp_path: Path, expect: str, error: str
+) -> None:
+    """Soft and hard limits may share a dimension: a case must say which one decides."""
+    path = spend_test(
+        tmp_path,
+        "  - name: which spend_usd?\n"
+        "    now: 2026-11-24T10:00:00Z\n"
+        "    semantic: holds\n"
+        "    call: {skill: finance.spend, agent: a, params: {amount_usd: 60}}\n"
+        f"    expect: {expect}\n",
+        SOFT_AND_HARD,
+    )
+    code, _, err = run(path)
+    assert (code, err) == (2, f"✗ spend.test.yaml:7: {error}\n")
+    positions = path.read_text().replace("policy: spend_usd", "policy: 1")
+    positions = positions.replace('policy: "Stay on task."', "policy: 3")
+    path.write_text(positions.replace("policy: office_hours", "policy: 5"))
+    code, out, _ = run(path)
+    assert code in (0, 1), out  # loads; the position names one policy
+
+
+def test_a_position_tells_the_soft_limit_from_the_hard_one(tmp_path: Path) -> None:
+    cases = """\
+  - name: $60 asks a human (the soft limit)
+    now: 2026-11-24T10:00:00Z
+    semantic: holds
+    call: {skill: finance.spend, agent: a, params: {amount_usd: 60}}
+    expect: {verdict: ESCALATE, policy: 1}
+  - name: a case naming the hard limit fails
+    now: 2026-11-24T10:00:00Z
+    semantic: holds
+    call: {skill: finance.spend, agent: a, params: {amount_usd: 60}}
+    expect: {verdict: ESCALATE, policy: 2}
+"""
+    code, out, _ = run(spend_test(tmp_path, cases, SOFT_AND_HARD))
+    assert code == 1
+    assert "    expected  ESCALATE by policy 2 (spend_usd)\n" in out
+    assert "    got       ESCALATE by policy 1 (spend_usd)\n" in out
+    assert out.endswith("1 passed, 1 failed\n")
 
 
 def test_the_reason_must_contain_the_expected_text(tmp_path: Path) -> None:
@@ -344,6 +428,129 @@ def test_a_refused_given_call_is_a_case_error_naming_it(tmp_path: Path) -> None:
     ) in out
 
 
+WORKSPACE = """\
+filesystem.write:
+  policies:
+    - {type: deterministic, dimension: workspace, param: filepath, operator: in,
+       values: [/srv/agent], match: path, breach_verdict: BLOCK}
+"""
+
+BOOM_WRITE = "{skill: filesystem.write, agent: a, params: {filepath: /srv/agent/boom}}"
+
+
+@pytest.fixture
+def planning_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning a write to /srv/agent/boom fails: the engine blocks it (fail-closed)."""
+    real = limenex.core.engine.plan_call
+
+    def plan_call(skill: Any, agent_id: str, params: Any, **kwargs: Any) -> Any:
+        if params.get("filepath") == "/srv/agent/boom":
+            raise ValueError("embedded null byte")
+        return real(skill, agent_id, params, **kwargs)
+
+    monkeypatch.setattr(limenex.core.engine, "plan_call", plan_call)
+
+
+@pytest.mark.usefixtures("planning_fails")
+def test_a_call_the_engine_blocks_while_planning_gets_that_block(tmp_path: Path) -> None:
+    """A policy that cannot be evaluated blocks the call (fail-closed): a case can expect it."""
+    cases = f"""\
+  - name: a write the policies cannot evaluate is blocked
+    call: {BOOM_WRITE}
+    expect: {{verdict: BLOCK, reason: "policy evaluation failed"}}
+  - name: expected to run
+    call: {BOOM_WRITE}
+    expect: {{verdict: ALLOW}}
+"""
+    path = spend_test(tmp_path, cases, WORKSPACE)
+    code, out, err = run(path)
+    assert (code, err) == (1, "")
+    assert "✓ spend.test.yaml:3  a write the policies cannot evaluate is blocked\n" in out
+    assert (
+        "✗ spend.test.yaml:6  expected to run\n"
+        "    expected  ALLOW\n"
+        "    got       BLOCK\n"
+        "    reason    filesystem.write: blocked because policy evaluation failed "
+        "(ValueError: embedded null byte).\n"
+        "    differs   verdict\n"
+    ) in out
+    assert out.endswith("1 passed, 1 failed\n")
+    code, out, _ = run("--json", path)
+    report = json.loads(out)
+    assert (code, report["passed"], report["failed"]) == (1, 1, 1)
+    assert report["files"][0]["cases"][1]["got"]["verdict"] == "BLOCK"
+
+
+@pytest.mark.usefixtures("planning_fails")
+def test_a_given_call_that_raises_is_a_case_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = f"""\
+  - name: a blocked given call
+    given:
+      calls:
+        - {BOOM_WRITE}
+    call: {{skill: filesystem.write, agent: a, params: {{filepath: /srv/agent/x}}}}
+    expect: {{verdict: ALLOW}}
+  - name: a given call that raises
+    given:
+      calls:
+        - {{skill: filesystem.write, agent: a, params: {{filepath: /srv/agent/x}}, times: 2}}
+    call: {{skill: filesystem.write, agent: a, params: {{filepath: /srv/agent/x}}}}
+    expect: {{verdict: ALLOW}}
+"""
+    path = spend_test(tmp_path, cases, WORKSPACE)
+    calls = []
+
+    def fails_the_second_time() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr("limenex.policy_tests._nothing", fails_the_second_time)
+    code, out, err = run(path)
+    assert (code, err) == (1, "")
+    assert (
+        "    error     given call 1 was BLOCK, not ALLOW: filesystem.write: blocked because "
+        "policy evaluation failed (ValueError: embedded null byte).\n"
+    ) in out
+    assert (
+        "    error     given call 1 (time 2 of 2) raised RuntimeError: the disk is full\n"
+    ) in out
+    assert out.endswith("0 passed, 2 failed\n")
+
+
+@pytest.mark.parametrize("stage", ["load_test_file", "run_test_file"])
+def test_an_unexpected_error_is_a_file_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    write(tmp_path, "policies.yaml", SPEND)
+    broken = write(tmp_path, "a.test.yaml", SECOND_PURCHASE)
+    fine = write(tmp_path, "b.test.yaml", SECOND_PURCHASE)
+    real = getattr(limenex.cli.policy_tests, stage)
+
+    def crashes_on_a(arg: object) -> object:
+        if "a.test.yaml" in str(getattr(arg, "path", arg)):
+            raise KeyError("surprise")
+        return real(arg)
+
+    monkeypatch.setattr(limenex.cli.policy_tests, stage, crashes_on_a)
+    what = "loaded" if stage == "load_test_file" else "run"
+    result = CliRunner().invoke(main, ["test", "a.test.yaml", "b.test.yaml"])
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"✗ a.test.yaml: could not be {what} (KeyError: 'surprise') "
+        "(a bug in limenex: please report it)\n"
+    )
+    assert result.stdout.endswith(f"2 passed, 0 failed, 1 file could not be {what}\n")
+    code, out, _ = run("--json", broken, fine)
+    report = json.loads(out)
+    assert (code, report["ok"], report["passed"]) == (2, False, 2)
+    assert report["errors"][0]["path"] == "a.test.yaml"
+    assert report["errors"][0]["problem"] == f"could not be {what} (KeyError: 'surprise')"
+
+
 WINDOWED = SPEND.replace("value: 50\n", "value: 50\n      window: 24h\n")
 
 
@@ -441,8 +648,13 @@ def test_given_totals_set_the_running_total_of_each_scope(
             "spend.test.yaml:6: totals[0]: sends_per_recipient is kept per agent, recipient: "
             "give params: {recipient: ...}",
         ),
+        (
+            "{dimension: sends_everywhere, agent: a, amount: 1}",
+            "spend.test.yaml:6: agent: sends_everywhere is kept across all agents "
+            "(scope: global): remove agent:",
+        ),
     ],
-    ids=["unknown-dimension", "no-agent", "no-scope-param"],
+    ids=["unknown-dimension", "no-agent", "no-scope-param", "agent-of-a-global-total"],
 )
 def test_a_total_the_policies_cannot_keep_is_refused_when_loading(
     tmp_path: Path, total: str, error: str
@@ -579,6 +791,30 @@ def test_values_of_the_wrong_kind_are_refused(tmp_path: Path, line: str, error: 
     code, _, err = run(path)
     assert code == 2
     assert f"spend.test.yaml:4: {error}" in err
+
+
+@pytest.mark.parametrize(
+    ("times", "error"),
+    [
+        ("1.0", "expected a whole number, got the number 1.0"),
+        ("'2'", "expected a whole number, got the string '2'"),
+        ("0", "expected a whole number from 1 to 100,000, got 0"),
+    ],
+    ids=["float", "string", "zero"],
+)
+def test_times_must_be_a_whole_number(tmp_path: Path, times: str, error: str) -> None:
+    path = spend_test(
+        tmp_path,
+        "  - name: x\n"
+        "    given:\n"
+        "      calls:\n"
+        "        - {skill: finance.spend, agent: a, params: {service: aws, amount_usd: 1},\n"
+        f"           times: {times}}}\n"
+        "    call: {skill: finance.spend, agent: a, params: {service: aws, amount_usd: 1}}\n"
+        "    expect: {verdict: ALLOW}\n",
+    )
+    code, _, err = run(path)
+    assert (code, err) == (2, f"✗ spend.test.yaml:7: times: {error}\n")
 
 
 def test_a_lower_case_verdict_suggests_the_right_one(tmp_path: Path) -> None:

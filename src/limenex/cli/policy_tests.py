@@ -28,8 +28,8 @@ def run_policy_tests(paths: tuple[str, ...], as_json: bool) -> None:
     With no PATHS, every *.test.yaml under .limenex/. Each case runs on a fresh engine; the
     case's call is a dry run. A failing case shows what differed and the trace of every
     policy against its call (also in --json). Exits 0 when every case passes, 1 when one
-    fails, 2 when a test file or its policy file cannot be loaded, or when there is no test
-    file.
+    fails, 2 when a test file or its policy file cannot be loaded (or its cases cannot be
+    run), or when there is no test file.
     """
     searched = paths or (DEFAULT_TEST_DIR,)
     files = find_test_files(searched) if paths or Path(DEFAULT_TEST_DIR).is_dir() else []
@@ -45,17 +45,15 @@ def run_policy_tests(paths: tuple[str, ...], as_json: bool) -> None:
     results: list[FileResult] = []
     errors: list[PolicyFileError] = []
     for path in files:
-        try:
-            loaded = load_test_file(path)
-        except PolicyFileError as exc:
-            errors.append(exc)
+        outcome = _load_and_run(str(path))
+        if isinstance(outcome, PolicyFileError):
+            errors.append(outcome)
             if not as_json:
-                click.echo(f"✗ {exc}", err=True)
+                click.echo(f"✗ {outcome}", err=True)
             continue
-        result = run_test_file(loaded)
-        results.append(result)
+        results.append(outcome)
         if not as_json:
-            for case in result.cases:
+            for case in outcome.cases:
                 mark = "✓" if case.passed else "✗"
                 click.echo(f"{mark} {case.where}  {case.name}")
                 for line in case.explain():
@@ -75,13 +73,43 @@ def run_policy_tests(paths: tuple[str, ...], as_json: bool) -> None:
         )
     else:
         summary = f"{passed} passed, {failed} failed"
-        if errors:
-            summary += f", {_count(len(errors), 'file', 'files')} could not be loaded"
+        unrun = sum(isinstance(exc, _RunError) for exc in errors)
+        if len(errors) > unrun:
+            summary += f", {_count(len(errors) - unrun, 'file', 'files')} could not be loaded"
+        if unrun:
+            summary += f", {_count(unrun, 'file', 'files')} could not be run"
         click.echo(summary)
     if errors:
         raise click.exceptions.Exit(2)
     if failed:
         raise click.exceptions.Exit(1)
+
+
+class _RunError(PolicyFileError):
+    """A test file that loaded but whose cases could not be run."""
+
+
+def _load_and_run(path: str) -> FileResult | PolicyFileError:
+    """The file's results, or why it could not be used: never an exception (no traceback)."""
+    try:
+        loaded = load_test_file(path)
+    except PolicyFileError as exc:
+        return exc
+    except Exception as exc:
+        return _unexpected(PolicyFileError, path, "could not be loaded", exc)
+    try:
+        return run_test_file(loaded)
+    except Exception as exc:
+        return _unexpected(_RunError, path, "could not be run", exc)
+
+
+def _unexpected(
+    kind: type[PolicyFileError], path: str, what: str, exc: Exception
+) -> PolicyFileError:
+    """An error nobody planned for, as a file error: ``could not be run (ValueError: ...)``."""
+    text = str(exc)
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return kind(f"{what} ({detail})", path=path, suggestion="a bug in limenex: please report it")
 
 
 def _error_dict(exc: PolicyFileError) -> dict[str, object]:
