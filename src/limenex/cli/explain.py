@@ -73,7 +73,8 @@ def _refuse_constant(name: str) -> Any:
     "--at",
     "at",
     default=None,
-    help="Explain the call at this moment (ISO 8601 with offset) instead of now.",
+    help="Explain the call at this moment (ISO 8601 with offset) instead of now: schedules "
+    "and windows read this clock; the totals are those recorded so far.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def explain(
