@@ -401,3 +401,20 @@ def test_audit_tail_marks_a_call_shadow_policies_would_have_stopped(tmp_path: Pa
     out = CliRunner().invoke(main, ["audit", "tail", "--path", str(tmp_path / "audit.log")]).stdout
     assert out.rstrip().endswith("[shadow: ESCALATE by policy 1]")
     assert verify(tmp_path / "audit.log").ok
+
+
+def test_a_skill_switched_to_shadow_in_code_invalidates_its_approvals() -> None:
+    """The digest an approval request keeps covers the mode each policy is applied in, so
+    a request approved under enforced policies is not resumed under shadow ones."""
+    from limenex.core.policy import SkillPolicies
+
+    enforced = load_policy_text(SHADOW_SKILL.replace("  mode: shadow\n", "")).skills
+    shadow = {k: SkillPolicies(policies=v.policies, mode="shadow") for k, v in enforced.items()}
+    first = PolicyEngine(InMemoryPolicyStore(enforced), "memory://", audit_logger=False)
+    second = PolicyEngine(InMemoryPolicyStore(shadow), "memory://", audit_logger=False)
+    skill = "finance.spend"
+    assert first._policies_digest(first.skill(skill)) != second._policies_digest(
+        second.skill(skill)
+    )
+    first.close()
+    second.close()

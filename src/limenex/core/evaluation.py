@@ -214,7 +214,14 @@ class CompiledSkill:
     def __init__(self, skill_id: str, source: SkillPolicies) -> None:
         self.skill_id = skill_id
         self.source = source
-        self.policies: tuple[Policy, ...] = tuple(source.policies)
+        # Each policy with the mode it is applied in, so that what approval requests digest
+        # (and decisions name) says shadow when a skill-wide mode made it so.
+        self.policies: tuple[Policy, ...] = tuple(
+            policy.model_copy(update={"mode": "shadow"})
+            if policy.mode is None and source.mode == "shadow"
+            else policy
+            for policy in source.policies
+        )
         steps: list[_Step] = []
         amount_params: dict[str, None] = {}
         cumulative: set[str] = set()
