@@ -48,7 +48,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from limenex.core.decision import Decision, allowed_decision, allowed_reason
+from limenex.core.decision import Decision, allowed_decision, allowed_reason, decimal_text
 from limenex.core.errors import LimenexRuntimeError
 
 if TYPE_CHECKING:
@@ -198,10 +198,6 @@ def _text(value: Any) -> str:
         return f"<{type(value).__name__} that cannot be shown: {type(exc).__name__}>"
 
 
-def _dec(value: Decimal | None) -> str | None:
-    return None if value is None else format(value, "f")
-
-
 def _iso(epoch: float) -> str:
     """``epoch`` as ISO 8601 UTC with microseconds (``2026-01-01T00:00:00.000000Z``)."""
     micros = round(epoch * 1_000_000)
@@ -278,9 +274,9 @@ class AuditRecord:
             reason=decision.reason,
             policy=None if decision.policy is None else _jsonable(decision.policy.to_yaml_dict()),
             policy_index=decision.policy_index,
-            observed=_dec(decision.observed),
-            projected=_dec(decision.projected),
-            limit=_dec(decision.limit),
+            observed=decimal_text(decision.observed),
+            projected=decimal_text(decision.projected),
+            limit=decimal_text(decision.limit),
             fail_closed=decision.fail_closed,
             latency_ms=None if latency_ms is None else _latency(latency_ms),
             extra=details,

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from limenex.cli.state import local_path
 from limenex.core.errors import LimenexError, PolicyFileError
 from limenex.core.explain import Explanation
 from limenex.core.policy_store import DEFAULT_POLICY_PATH, LocalFilePolicyStore
@@ -140,13 +141,9 @@ def _open(url: str) -> tuple[str | None, StateStore]:
     """The store at ``url``; a file or SQLite store that does not exist is not created."""
     from limenex.stores import from_url, redacted
 
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() in ("file", "sqlite"):
-        path = rest.partition("?")[0]
-        if scheme.lower() == "sqlite":  # sqlite:///relative.db; anything else from_url refuses
-            path = path[1:] if path.startswith("/") else ""
-        if path and not os.path.exists(path):
-            return f"no state recorded yet at {path}: every total is 0", from_url("memory://")
+    path = local_path(url)
+    if path and not os.path.exists(path):
+        return f"no state recorded yet at {path}: every total is 0", from_url("memory://")
     try:
         return None, from_url(url)
     except LimenexError as exc:

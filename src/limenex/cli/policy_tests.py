@@ -8,15 +8,12 @@ from pathlib import Path
 import click
 
 from limenex.core.errors import PolicyFileError
+from limenex.core.policy import counted
 from limenex.policy_tests import FileResult, find_test_files, load_test_file, run_test_file
 
 __all__ = ["DEFAULT_TEST_DIR", "run_policy_tests"]
 
 DEFAULT_TEST_DIR = ".limenex"
-
-
-def _count(n: int, singular: str, plural: str) -> str:
-    return f"{n} {singular if n == 1 else plural}"
 
 
 @click.command(name="test")
@@ -75,9 +72,9 @@ def run_policy_tests(paths: tuple[str, ...], as_json: bool) -> None:
         summary = f"{passed} passed, {failed} failed"
         unrun = sum(isinstance(exc, _RunError) for exc in errors)
         if len(errors) > unrun:
-            summary += f", {_count(len(errors) - unrun, 'file', 'files')} could not be loaded"
+            summary += f", {counted(len(errors) - unrun, 'file', 'files')} could not be loaded"
         if unrun:
-            summary += f", {_count(unrun, 'file', 'files')} could not be run"
+            summary += f", {counted(unrun, 'file', 'files')} could not be run"
         click.echo(summary)
     if errors:
         raise click.exceptions.Exit(2)

@@ -70,16 +70,12 @@ def _store(url: str, *, must_exist: bool = True, changes: bool = False) -> Itera
     """
     from limenex.stores import from_url, redacted
 
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    if changes and scheme == "memory":
+    if changes and url.partition("://")[0].lower() == "memory":
         raise click.ClickException(
             "memory:// lives inside one process: there is nothing here to change"
         )
-    if must_exist and scheme in ("file", "sqlite"):
-        path = rest.partition("?")[0]
-        if scheme == "sqlite":  # sqlite:///relative.db; anything else is from_url's to refuse
-            path = path[1:] if path.startswith("/") else ""
+    if must_exist:
+        path = local_path(url)
         if path and not Path(path).exists():
             raise click.ClickException(f"no state store at {path} (nothing recorded yet?)")
     try:
@@ -93,6 +89,19 @@ def _store(url: str, *, must_exist: bool = True, changes: bool = False) -> Itera
     finally:
         with contextlib.suppress(LimenexError):
             store.close()
+
+
+def local_path(url: str) -> str:
+    """The file a ``file://`` or ``sqlite:///`` URL names, else ``""`` (``from_url`` judges
+    the rest, a malformed ``sqlite://`` URL included)."""
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in ("file", "sqlite"):
+        return ""
+    path = rest.partition("?")[0]
+    if scheme == "sqlite":  # sqlite:///relative.db
+        path = path[1:] if path.startswith("/") else ""
+    return path
 
 
 def _key_json(key: CounterKey) -> dict[str, str]:

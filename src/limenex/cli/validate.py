@@ -10,19 +10,7 @@ import click
 from limenex.core.errors import PolicyFileError
 from limenex.core.policy_store import DEFAULT_POLICY_PATH, LocalFilePolicyStore, policy_json_schema
 
-__all__ = ["schema", "summary", "validate"]
-
-
-def _count(n: int, singular: str, plural: str) -> str:
-    return f"{n} {singular if n == 1 else plural}"
-
-
-def summary(skills: int, policies: int, deterministic: int, semantic: int) -> str:
-    """``1 skill, 1 policy (1 deterministic, 0 semantic)``."""
-    return (
-        f"{_count(skills, 'skill', 'skills')}, {_count(policies, 'policy', 'policies')} "
-        f"({deterministic} deterministic, {semantic} semantic)"
-    )
+__all__ = ["schema", "validate"]
 
 
 @click.command()
@@ -57,7 +45,7 @@ def validate(path: str, as_json: bool) -> None:
             {"valid": True, "path": path, **counts._asdict(), "sources": store.policy_set.sources}
         )
     else:
-        click.echo(f"✓ Valid — {summary(*counts)}")
+        click.echo(f"✓ Valid — {counts.summary()}")
 
 
 @click.command()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from limenex.core.policy import Policy
 
-__all__ = ["Decision", "Verdict", "allowed_decision", "allowed_reason"]
+__all__ = ["Decision", "Verdict", "allowed_decision", "allowed_reason", "decimal_text"]
 
 
 class Verdict(enum.StrEnum):
@@ -126,9 +126,9 @@ class Decision:
             "reason": self.reason,
             "policy": None if self.policy is None else self.policy.to_yaml_dict(),
             "policy_index": self.policy_index,
-            "observed": _dec(self.observed),
-            "projected": _dec(self.projected),
-            "limit": _dec(self.limit),
+            "observed": decimal_text(self.observed),
+            "projected": decimal_text(self.projected),
+            "limit": decimal_text(self.limit),
             "fail_closed": self.fail_closed,
             **({"shadow": [d.to_dict() for d in self.shadow]} if self.shadow else {}),
         }
@@ -186,7 +186,8 @@ _set_fail_closed = _setter("fail_closed")
 _set_shadow = _setter("shadow")
 
 
-def _dec(value: Decimal | None) -> str | None:
+def decimal_text(value: Decimal | None) -> str | None:
+    """An exact decimal as plain text (``"0.10"``, never ``"1E-1"``), ``None`` kept."""
     return None if value is None else format(value, "f")
 
 

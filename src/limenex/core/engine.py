@@ -81,6 +81,7 @@ from limenex.core.evaluation import (
 )
 from limenex.core.explain import Explanation, explanation, stateful_checks
 from limenex.core.handle import SkillHandle
+from limenex.core.policy import counted
 from limenex.core.policy_store import LocalFilePolicyStore, PolicyReload, PolicyStore
 from limenex.core.state import Reservation, StateBreach, StateStore
 from limenex.semantic import Judgement, parse_answer
@@ -771,7 +772,10 @@ class PolicyEngine:
         if not isinstance(hook, AuditLog | BufferedAuditLog):
             return
         counts = event.counts
-        in_force = _count(counts.skills, "skill") + ", " + _count(counts.policies, "policy")
+        in_force = (
+            f"{counted(counts.skills, 'skill', 'skills')}, "
+            f"{counted(counts.policies, 'policy', 'policies')}"
+        )
         try:
             if event.error is None:
                 hook.write_event(
@@ -1412,13 +1416,6 @@ def _weak_listener(engine: PolicyEngine) -> Callable[[PolicyReload], None]:
             alive._policies_reloaded(event)
 
     return on_reload
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 skill``, ``2 skills``, ``1 policy``, ``5 policies``."""
-    if n == 1:
-        return f"1 {noun}"
-    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
 
 
 _RAW_KEPT = 8192

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from limenex.core.decision import Decision, Verdict
+from limenex.core.decision import Decision, Verdict, decimal_text
 from limenex.core.evaluation import (
     _ONE,
     _SYMBOLS,
@@ -87,10 +87,10 @@ class PolicyTrace:
             "result": self.result,
             "reached": self.reached,
             "decisive": self.decisive,
-            "observed": _text(self.observed),
-            "proposed": _text(self.proposed),
-            "projected": _text(self.projected),
-            "limit": _text(self.limit),
+            "observed": decimal_text(self.observed),
+            "proposed": decimal_text(self.proposed),
+            "projected": decimal_text(self.projected),
+            "limit": decimal_text(self.limit),
             "detail": self.detail,
         }
         if self.judgement is not None:
@@ -300,10 +300,6 @@ def _semantic(entry: Mapping[str, Any] | None, unjudged: bool) -> _Found:
     why = entry.get("reason") or ""
     detail = f"the model answered {verdict}" + (f": {why}" if why else "")
     return _Found(_result(verdict == Verdict.ALLOW.value), detail, judgement=entry)
-
-
-def _text(value: Decimal | None) -> str | None:
-    return None if value is None else format(value, "f")
 
 
 def _iso(epoch: float) -> str:

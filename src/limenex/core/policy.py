@@ -70,6 +70,7 @@ __all__ = [
     "SchedulePolicy",
     "SemanticPolicy",
     "SkillPolicies",
+    "counted",
 ]
 
 BUILTIN_SKILL_PARAMS: dict[str, tuple[str, ...]] = {
@@ -610,6 +611,19 @@ class PolicyCounts(NamedTuple):
     policies: int
     deterministic: int
     semantic: int
+
+    def summary(self) -> str:
+        """``1 skill, 1 policy (1 deterministic, 0 semantic)``."""
+        return (
+            f"{counted(self.skills, 'skill', 'skills')}, "
+            f"{counted(self.policies, 'policy', 'policies')} "
+            f"({self.deterministic} deterministic, {self.semantic} semantic)"
+        )
+
+
+def counted(n: int, singular: str, plural: str) -> str:
+    """``1 file``, ``2 files``: ``n`` and the noun that agrees with it."""
+    return f"{n} {singular if n == 1 else plural}"
 
 
 class PolicySetError(LimenexConfigError):
